@@ -1,0 +1,418 @@
+"""The configuration file (SPEC §4): ``Key value`` per line, OpenDKIM style.
+
+One table, ``KEYS``, lists every key with its parser and default.  Parsing
+collects every error with its line number instead of stopping at the first,
+so ``ipv6milter -n`` can show them all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import IPAddress
+
+DEFAULT_PATH = "/etc/ipv6milter/ipv6milter.conf"
+
+
+class ConfigError(Exception):
+    """One or more errors, each naming its source and line."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class ValueProblem(ValueError):
+    """A bad value; the caller adds file and line."""
+
+
+# -- domains -----------------------------------------------------------------
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case A-label form without the trailing dot, for comparisons.
+
+    Opt-in matching must treat U-labels and A-labels alike (an IDN recipient
+    may arrive in either form with SMTPUTF8).
+    """
+    d = domain.strip().rstrip(".").lower()
+    if not d:
+        return d
+    try:
+        return d.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        # Not valid IDNA (e.g. a label over 63 characters): compare it as is.
+        return d
+
+
+@dataclass(frozen=True)
+class DomainSet:
+    """The opted-in recipient domains of ``AcceptDomains``."""
+
+    exact: frozenset[str] = frozenset()
+    parents: frozenset[str] = frozenset()  # ".example.com": subdomains only
+    everything: bool = False
+
+    def matches(self, domain: str) -> bool:
+        d = normalise_domain(domain)
+        if not d:
+            return False
+        if self.everything or d in self.exact:
+            return True
+        labels = d.split(".")
+        return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str]) -> DomainSet:
+        exact: set[str] = set()
+        parents: set[str] = set()
+        everything = False
+        for raw in entries:
+            e = raw.strip()
+            if e == "*":
+                everything = True
+            elif e.startswith("."):
+                parents.add(_checked_domain(e[1:], raw))
+            else:
+                exact.add(_checked_domain(e, raw))
+        return cls(frozenset(exact), frozenset(parents), everything)
+
+    def __str__(self) -> str:
+        items = (["*"] if self.everything else []) + sorted(self.exact)
+        items += sorted("." + p for p in self.parents)
+        return ", ".join(items) or "(none)"
+
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def _checked_domain(text: str, raw: str) -> str:
+    d = normalise_domain(text)
+    if not d or len(d) > 253 or not all(_LABEL.match(label) for label in d.split(".")):
+        raise ValueProblem(f"not a domain name: {raw!r}")
+    return d
+
+
+# -- value parsers -----------------------------------------------------------
+
+
+def _split_list(value: str) -> list[str]:
+    return [v for v in re.split(r"[,\s]+", value) if v]
+
+
+def parse_bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("yes", "true", "1", "on"):
+        return True
+    if v in ("no", "false", "0", "off"):
+        return False
+    raise ValueProblem(f"expected yes/no/true/false/1/0, got {value!r}")
+
+
+def parse_socket(value: str) -> str:
+    m = re.fullmatch(r"(inet6?):(\d+)(?:@(\S+))?", value)
+    if m:
+        port = int(m.group(2))
+        if not 0 < port < 65536:
+            raise ValueProblem(f"port out of range in {value!r}")
+        host = m.group(3) or ("[::1]" if m.group(1) == "inet6" else "localhost")
+        return f"{m.group(1)}:{port}@{host}"
+    m = re.fullmatch(r"(?:unix|local):(/\S+)", value)
+    if m:
+        return f"unix:{m.group(1)}"
+    raise ValueProblem(f"expected inet:PORT@HOST, inet6:PORT@HOST or unix:/path, got {value!r}")
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``ADDR``, ``ADDR:PORT``, ``[V6]`` or ``[V6]:PORT``."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", value)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueProblem(f"not an IP address: {value!r}") from None
+    if port is None:
+        if default_port is None:
+            raise ValueProblem(f"a port is required: {value!r}")
+        return str(addr), default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueProblem(f"bad port in {value!r}")
+    return str(addr), int(port)
+
+
+def parse_nameservers(value: str) -> tuple[tuple[str, int], ...]:
+    return tuple(parse_hostport(v, 53) for v in value.replace(",", " ").split())
+
+
+def parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for v in _split_list(value):
+        try:
+            nets.append(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ValueProblem(f"not an address or network: {v!r}") from None
+    return tuple(nets)
+
+
+def _number(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            n = kind(value)
+        except ValueError:
+            raise ValueProblem(f"expected a number, got {value!r}") from None
+        if not low <= n <= high:
+            raise ValueProblem(f"{value} is out of range {low}..{high}")
+        return n
+
+    return parse
+
+
+def _choice(*words: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        v = value.lower()
+        if v not in words:
+            raise ValueProblem(f"expected one of {', '.join(words)}, got {value!r}")
+        return v
+
+    return parse
+
+
+def parse_umask(value: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{1,3}", value):
+        raise ValueProblem(f"expected an octal mask such as 007, got {value!r}")
+    return int(value, 8)
+
+
+def parse_userid(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?", value):
+        raise ValueProblem(f"expected user or user:group, got {value!r}")
+    return value
+
+
+def parse_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueProblem(f"expected an absolute path, got {value!r}")
+    return value
+
+
+def parse_authserv_id(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", value):
+        raise ValueProblem(f"expected a host name, got {value!r}")
+    return value.lower()
+
+
+def parse_metrics(value: str) -> tuple[str, int] | None:
+    if value.lower() in ("off", "no", "none", ""):
+        return None
+    return parse_hostport(value)
+
+
+def read_domain_file(path: str) -> DomainSet:
+    """One entry a line, ``#`` comments; errors name the file's own line."""
+    errors = []
+    entries = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueProblem(f"cannot read domain list {path}: {e}") from None
+    for no, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        for entry in _split_list(text):
+            try:
+                DomainSet.from_entries([entry])
+            except ValueProblem as e:
+                errors.append(f"{path}:{no}: {e}")
+            else:
+                entries.append(entry)
+    if errors:
+        raise ValueProblem("; ".join(errors))
+    return DomainSet.from_entries(entries)
+
+
+def parse_domains(value: str) -> DomainSet:
+    if value.startswith("file:"):
+        return read_domain_file(value[5:])
+    if value.startswith("/"):
+        return read_domain_file(value)
+    return DomainSet.from_entries(_split_list(value))
+
+
+# -- the table ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # as documented (case-insensitive in files)
+    attr: str
+    parse: Callable[[str], Any]
+    doc: str
+
+
+KEYS: tuple[Key, ...] = (
+    Key("Socket", "socket", parse_socket, "libmilter socket"),
+    Key("AuthservID", "authserv_id", parse_authserv_id, "authserv-id of our header"),
+    Key("AcceptDomains", "accept_domains", parse_domains, "opted-in recipient domains"),
+    Key("TrustedHosts", "trusted_hosts", parse_networks, "addresses and networks out of scope"),
+    Key("SkipAuthenticated", "skip_authenticated", parse_bool, "SASL clients out of scope"),
+    Key("ReverseDNS", "reverse_dns", _choice("ptr", "fcrdns"), "what a valid PTR means"),
+    Key("Mode", "mode", _choice("enforce", "monitor"), "refuse, or only stamp and log"),
+    Key("StampAll", "stamp_all", parse_bool, "stamp out-of-scope mail too"),
+    Key("Nameservers", "nameservers", parse_nameservers, "resolvers to ask"),
+    Key("DNSTimeout", "dns_timeout", _number(float, 0.1, 300), "seconds per DNS lookup"),
+    Key("StageTimeout", "stage_timeout", _number(float, 0.1, 3600), "seconds per SMTP stage"),
+    Key("MaxSignatures", "max_signatures", _number(int, 1, 100), "DKIM signatures tried"),
+    Key("MaxMessageSize", "max_message_size", _number(int, 1024, 2**40), "bytes kept for DKIM"),
+    Key("UserID", "user_id", parse_userid, "user[:group] after binding"),
+    Key("UMask", "umask", parse_umask, "umask for a unix socket"),
+    Key("PidFile", "pid_file", parse_path, "write the pid here"),
+    Key("Syslog", "syslog", parse_bool, "also log to syslog"),
+    Key("LogLevel", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
+    Key("MetricsListen", "metrics_listen", parse_metrics, "Prometheus endpoint"),
+)
+_BY_NAME = {k.name.lower(): k for k in KEYS}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "inet:8894@localhost"
+    authserv_id: str | None = None
+    accept_domains: DomainSet = field(default_factory=DomainSet)
+    trusted_hosts: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    skip_authenticated: bool = True
+    reverse_dns: str = "ptr"
+    mode: str = "enforce"
+    stamp_all: bool = False
+    nameservers: tuple[tuple[str, int], ...] = ()
+    dns_timeout: float = 5.0
+    stage_timeout: float = 20.0
+    max_signatures: int = 5
+    max_message_size: int = 67108864
+    user_id: str | None = None
+    umask: int = 0o007
+    pid_file: str | None = None
+    syslog: bool = False
+    log_level: str = "info"
+    metrics_listen: tuple[str, int] | None = None
+    source: str | None = None  # the file this came from, for messages
+
+    @property
+    def monitor(self) -> bool:
+        return self.mode == "monitor"
+
+    def is_trusted(self, addr: IPAddress) -> bool:
+        return any(addr.version == n.version and addr in n for n in self.trusted_hosts)
+
+    def default_authserv_id(self, j_macro: str | None) -> str:
+        """SPEC §4: ``AuthservID``, else the MTA's ``j`` macro, else our FQDN."""
+        if self.authserv_id:
+            return self.authserv_id
+        if j_macro and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", j_macro):
+            return j_macro.lower()
+        return socket.getfqdn().lower()
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse the text of a configuration file; raise ConfigError listing every problem."""
+    values: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    for no, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        # A '#' after whitespace starts a comment; inside a value it is kept.
+        stripped = re.split(r"\s+#", stripped, maxsplit=1)[0]
+        parts = stripped.split(None, 1)
+        name = parts[0]
+        key = _BY_NAME.get(name.lower())
+        where = f"{source}:{no}"
+        if key is None:
+            errors.append(f"{where}: unknown key {name!r}")
+            continue
+        if key.attr in seen:
+            errors.append(f"{where}: {key.name} already set on line {seen[key.attr]}")
+            continue
+        seen[key.attr] = no
+        raw = parts[1].strip() if len(parts) > 1 else ""
+        if not raw and key.attr not in ("accept_domains", "trusted_hosts", "nameservers"):
+            errors.append(f"{where}: {key.name} needs a value")
+            continue
+        try:
+            values[key.attr] = key.parse(raw)
+        except ValueProblem as e:
+            errors.append(f"{where}: {key.name}: {e}")
+    if "stage_timeout" in values or "dns_timeout" in values:
+        dns_t = values.get("dns_timeout", Config.dns_timeout)
+        stage_t = values.get("stage_timeout", Config.stage_timeout)
+        if stage_t < dns_t:
+            line = seen.get("stage_timeout", seen.get("dns_timeout"))
+            errors.append(
+                f"{source}:{line}: StageTimeout ({stage_t:g}) is shorter than DNSTimeout ({dns_t:g})"
+            )
+    if errors:
+        raise ConfigError(errors)
+    return dataclasses.replace(Config(), source=source, **values)
+
+
+def load(path: str | None, *, default_if_missing: bool = False) -> Config:
+    """Read a configuration file.
+
+    ``default_if_missing``: the default path may be absent (SPEC §3: built-in
+    defaults); a file named on the command line must exist.
+    """
+    path = path or DEFAULT_PATH
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if default_if_missing:
+            return Config()
+        raise ConfigError([f"{path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read: {e}"]) from None
+    return parse(text, os.path.abspath(path))
+
+
+def _show(attr: str, v: Any) -> str:
+    if v is None or v == "" or v == ():
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if attr == "umask":
+        return f"{v:03o}"
+    if attr == "nameservers":
+        return ", ".join(_hostport(h, p) for h, p in v)
+    if attr == "metrics_listen":
+        return _hostport(*v)
+    if isinstance(v, tuple):
+        return ", ".join(str(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe(cfg: Config) -> list[str]:
+    """``Key value`` lines of the effective configuration, for -n and debug logs."""
+    return [f"{k.name} {_show(k.attr, getattr(cfg, k.attr))}" for k in KEYS]
