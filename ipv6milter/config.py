@@ -122,7 +122,7 @@ def parse_socket(value: str) -> str:
         port = int(m.group(2))
         if not 0 < port < 65536:
             raise ValueProblem(f"port out of range in {value!r}")
-        host = m.group(3) or ("[::1]" if m.group(1) == "inet6" else "localhost")
+        host = (m.group(3) or ("::1" if m.group(1) == "inet6" else "localhost")).strip("[]")
         return f"{m.group(1)}:{port}@{host}"
     m = re.fullmatch(r"(?:unix|local):(/\S+)", value)
     if m:
@@ -367,7 +367,8 @@ def parse(text: str, source: str = "<config>") -> Config:
         if stage_t < dns_t:
             line = seen.get("stage_timeout", seen.get("dns_timeout"))
             errors.append(
-                f"{source}:{line}: StageTimeout ({stage_t:g}) is shorter than DNSTimeout ({dns_t:g})"
+                f"{source}:{line}: StageTimeout ({stage_t:g}) is shorter than "
+                f"DNSTimeout ({dns_t:g})"
             )
     if errors:
         raise ConfigError(errors)

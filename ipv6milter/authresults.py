@@ -1,0 +1,137 @@
+"""Our Authentication-Results header (RFC 8601), and the forged ones to delete.
+
+The header is built from typed ``authres`` result objects, so that ``authres``
+parses it back.  Values from the network are sanitised first: a PTR name or
+a HELO argument must never smuggle a ``;`` or a comment into the header.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import authres
+from authres.core import AuthenticationResultProperty
+
+from .model import DkimResult, IPAddress, IprevResult, SpfResult
+
+FIELD = "Authentication-Results"
+
+_ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9._-]{1,253}$")
+_DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
+
+
+def _printable(text: str) -> str:
+    """Printable ASCII only; authres quotes what is not a token."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:255]
+
+
+def _mailfrom_value(identity: str) -> str | None:
+    """``smtp.mailfrom``: the address, or its domain when the local part is odd.
+
+    authres leaves any value containing ``@`` unquoted, so only a plain
+    addr-spec may be written whole.
+    """
+    if _ADDR_SPEC.match(identity):
+        return identity
+    domain = identity.rpartition("@")[2]
+    return domain if _DOMAIN.match(domain) else None
+
+
+def results_for(
+    addr: IPAddress | None,
+    iprev: IprevResult | None,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+) -> list[authres.core.BaseAuthenticationResult]:
+    out: list[authres.core.BaseAuthenticationResult] = []
+    if iprev is not None and addr is not None:
+        comment = ", ".join(iprev.names[:5]) if iprev.names else None
+        out.append(
+            authres.IPRevAuthenticationResult(
+                result=iprev.result.value, policy_iprev=str(addr), policy_iprev_comment=comment
+            )
+        )
+    if spf is not None:
+        if spf.scope == "helo":
+            out.append(
+                authres.SPFAuthenticationResult(
+                    result=spf.result, smtp_helo=_printable(spf.identity) or None
+                )
+            )
+        else:
+            out.append(
+                authres.SPFAuthenticationResult(
+                    result=spf.result, smtp_mailfrom=_mailfrom_value(spf.identity)
+                )
+            )
+    if not dkim:
+        out.append(authres.DKIMAuthenticationResult(result="none"))
+    for r in dkim:
+        res = authres.DKIMAuthenticationResult(
+            result=r.result, header_d=r.domain or None, header_s=r.selector or None
+        )
+        if r.b:
+            # Last: authres 1.2.0 drops a quoted value that another property follows.
+            res.properties.append(AuthenticationResultProperty("header", "b", r.b))
+        out.append(res)
+    return out
+
+
+def header_value(authserv_id: str, results: Iterable[authres.core.BaseAuthenticationResult]) -> str:
+    """The folded value for ``addheader``: one result clause per line."""
+    hdr = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=list(results))
+    clauses = [str(r) for r in hdr.results]
+    flat = hdr.header_value()
+    if flat != "; ".join([hdr.authserv_id, *clauses]):  # authres changed its layout
+        return flat
+    return ";\n\t".join([hdr.authserv_id, *clauses])
+
+
+def build(
+    authserv_id: str,
+    addr: IPAddress | None,
+    iprev: IprevResult | None,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+) -> str:
+    return header_value(authserv_id, results_for(addr, iprev, spf, dkim))
+
+
+def unfold(value: str) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
+
+
+def authserv_id_of(value: str) -> str:
+    """The authserv-id of a received header, read leniently.
+
+    A forged header need not parse: the first token before ``;``, with any
+    comments removed and quotes stripped, is compared, so a broken header
+    that claims our name is removed too.
+    """
+    v = unfold(value)
+    while True:  # comments may nest (RFC 5322 §3.2.2)
+        stripped = re.sub(r"\((?:[^()\\]|\\.)*\)", " ", v)
+        if stripped == v:
+            break
+        v = stripped
+    v = v.strip()
+    if v.startswith('"'):
+        m = re.match(r'"((?:[^"\\]|\\.)*)"', v)
+        return re.sub(r"\\(.)", r"\1", m.group(1)).lower() if m else ""
+    return re.split(r"[\s;]", v, maxsplit=1)[0].lower()
+
+
+def forged_indexes(values: Sequence[str], authserv_id: str) -> list[int]:
+    """1-based indexes (among Authentication-Results fields) to delete, highest first.
+
+    Deleting from the top would renumber the rest under Postfix and not
+    under Sendmail; from the bottom up is right on both.
+    """
+    ours = authserv_id.lower()
+    return sorted((i for i, v in enumerate(values, 1) if authserv_id_of(v) == ours), reverse=True)
+
+
+def parse(value: str) -> authres.AuthenticationResultsHeader:
+    """Parse a header value with authres (unfolding it first)."""
+    return authres.AuthenticationResultsHeader.parse_value(unfold(value))

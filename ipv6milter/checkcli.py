@@ -1,0 +1,160 @@
+"""``ipv6milter-check``: the milter's checks and policy, offline, for one message.
+
+Same configuration file, same engine and policy as the milter; prints the
+verdict (the reply the milter would give, or ``accept``) and the
+Authentication-Results header.  Exit status: 0 accept, 1 refusal, 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from . import authresults, config, policy
+from .config import ConfigError
+from .engine import Engine
+from .model import ACCEPT, DkimResult, Verdict
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ipv6milter-check",
+        description="Judge one message as ipv6milter would, without an MTA.",
+    )
+    p.add_argument(
+        "-c", "--config", metavar="FILE", help=f"configuration file (default {config.DEFAULT_PATH})"
+    )
+    p.add_argument("--ip", required=True, help="the SMTP client's address")
+    p.add_argument("--helo", default="", help="the HELO/EHLO name")
+    p.add_argument("--mail-from", default="", help="the MAIL FROM address ('' for <>)")
+    p.add_argument("--rcpt", action="append", default=[], help="a recipient (repeatable)")
+    p.add_argument(
+        "--authenticated", action="store_true", help="the client authenticated with SMTP AUTH"
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="show each DNS query with its answer and each check's reasoning",
+    )
+    p.add_argument(
+        "message",
+        nargs="?",
+        help="the message file, '-' for standard input; none: judged without DKIM",
+    )
+    return p
+
+
+def _read_message(name: str | None) -> bytes | None:
+    if name is None:
+        return None
+    if name == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        with open(name, "rb") as fh:
+            data = fh.read()
+    # Messages on disk usually have LF line ends; SMTP carries CRLF.
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    cfg = config.load(args.config, default_if_missing=args.config is None)
+    addr = policy.parse_address(args.ip)
+    if addr is None:
+        raise ValueError(f"--ip: not an IP address: {args.ip!r}")
+    message = _read_message(args.message)
+    engine = Engine(cfg, workers=1)
+    trace: list[str] | None = [] if args.explain else None
+
+    def explain(line: str) -> None:
+        if trace is not None:
+            print(f"# {line}", file=out)
+
+    def show_trace(title: str) -> None:
+        if trace:
+            explain(title)
+            for t in trace:
+                explain(f"  {t}")
+            trace.clear()
+
+    scope = policy.classify(cfg, addr, args.authenticated)
+    explain(
+        f"client {addr}: scope {scope.value}" + ("" if scope.in_scope else " (no policy applies)")
+    )
+    eff = policy.effective_address(addr)
+    checks = scope.in_scope or cfg.stamp_all
+    verdict: Verdict = ACCEPT
+    iprev = spf = None
+    dkim: tuple[DkimResult, ...] = ()
+    if checks:
+        iprev = engine.iprev(eff, trace)
+        show_trace("reverse DNS lookups")
+        explain(f"iprev={iprev.result.value}: {iprev.detail}")
+    opted_in = 0
+    refusals: list[tuple[str, Verdict]] = []
+    if scope.in_scope:
+        for rcpt in args.rcpt or [""]:
+            domain = policy.recipient_domain(rcpt)
+            v = policy.decide_rcpt(cfg, addr, domain, iprev)
+            explain(
+                f"RCPT {rcpt or '(none)'}: {v.summary}"
+                + (f" ({'; '.join(v.reasons)})" if v.reasons else "")
+            )
+            if v.reply is not None:
+                refusals.append((rcpt, v))
+            elif domain and cfg.accept_domains.matches(domain):
+                opted_in += 1
+        if refusals and not opted_in:
+            verdict = refusals[0][1]
+    if checks:
+        spf = engine.spf(eff, args.mail_from, args.helo, trace)
+        show_trace("SPF lookups")
+        explain(f"spf={spf.result}: {spf.detail}")
+        if message is not None:
+            dkim = engine.dkim(message, trace)
+            show_trace("DKIM key lookups")
+            for r in dkim:
+                explain(f"dkim={r.result} d={r.domain or '-'} s={r.selector or '-'}: {r.detail}")
+        else:
+            explain("no message given: judged without DKIM")
+    if scope.in_scope and opted_in:
+        verdict = policy.decide_eom(cfg, addr, spf, dkim)
+        explain(
+            f"end of message: {verdict.summary}"
+            + (f" ({'; '.join(verdict.reasons)})" if verdict.reasons else "")
+        )
+    engine.shutdown()
+
+    if opted_in:
+        for rcpt, v in refusals:
+            print(f"RCPT {rcpt}: {v.reply}", file=out)
+    if verdict.reply is None:
+        print("accept", file=out)
+    elif verdict.enforced:
+        print(str(verdict.reply), file=out)
+    else:
+        print(f"accept (monitor mode; enforce would reply: {verdict.reply})", file=out)
+    if checks and not verdict.refuses:
+        authserv_id = cfg.default_authserv_id(None)
+        value = authresults.build(authserv_id, eff, iprev, spf, dkim)
+        print(f"{authresults.FIELD}: {value}", file=out)
+    return 1 if verdict.refuses else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, sys.stdout)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"ipv6milter-check: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

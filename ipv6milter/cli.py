@@ -1,0 +1,228 @@
+"""``ipv6milter``: run the milter in the foreground, or check a configuration.
+
+The only module that starts libmilter.  Signals: while libmilter's main loop
+runs in C, Python signal handlers never get to run, so SIGHUP, SIGTERM and
+SIGINT are blocked in every thread (before any thread starts) and one thread
+waits for them with ``sigwait``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import logging
+import logging.handlers
+import os
+import pwd
+import signal
+import sys
+import threading
+from functools import partial
+
+from . import __version__, config
+from .config import Config, ConfigError
+from .engine import Engine
+
+log = logging.getLogger("ipv6milter")
+
+_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ipv6milter",
+        description="Milter for the anonymous-inbound-email-over-IPv6 policy.",
+    )
+    p.add_argument(
+        "-c", "--config", metavar="FILE", help=f"configuration file (default {config.DEFAULT_PATH})"
+    )
+    p.add_argument(
+        "-n", "--check-config", action="store_true", help="check the configuration and exit"
+    )
+    p.add_argument("--version", action="version", version=f"ipv6milter {__version__}")
+    return p
+
+
+def setup_logging(cfg: Config) -> None:
+    level = getattr(logging, cfg.log_level.upper())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(stderr)
+    if cfg.syslog:
+        try:
+            sh = logging.handlers.SysLogHandler(
+                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+            )
+        except OSError as e:
+            log.warning("Syslog yes, but /dev/log is not usable: %s", e)
+        else:
+            sh.setFormatter(logging.Formatter("ipv6milter[%(process)d]: %(message)s"))
+            root.addHandler(sh)
+    root.setLevel(level)
+
+
+def load(path: str | None) -> Config:
+    return config.load(path, default_if_missing=path is None)
+
+
+def check_config(path: str | None) -> int:
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(f"{cfg.source or 'built-in defaults'}: configuration OK")
+    for line in config.describe(cfg):
+        print(f"  {line}")
+    return 0
+
+
+def _drop_privileges(user_id: str) -> None:
+    user, _, group = user_id.partition(":")
+    pw = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+    log.info("running as %s (uid %d, gid %d)", user, pw.pw_uid, gid)
+
+
+class Daemon:
+    """The running milter: configuration, engine, signals."""
+
+    def __init__(self, path: str | None, cfg: Config):
+        self.path = path
+        self.engine = Engine(cfg)
+
+    def reload(self) -> None:
+        old = self.engine.cfg
+        try:
+            new = load(self.path)
+        except ConfigError as e:
+            for line in e.errors:
+                log.error("reload failed, keeping the running configuration: %s", line)
+            return
+        restart_only = [
+            k.name
+            for k in config.KEYS
+            if k.attr in ("socket", "user_id", "umask", "pid_file", "metrics_listen")
+            and getattr(new, k.attr) != getattr(old, k.attr)
+        ]
+        if restart_only:
+            log.warning("reload: %s change(s) need a restart to apply", ", ".join(restart_only))
+        setup_logging(new)
+        self.engine.reload(new)
+        log.info("configuration reloaded from %s", new.source or "built-in defaults")
+
+    def _signals(self) -> None:
+        import milter
+
+        while True:
+            sig = signal.sigwait(_SIGNALS)
+            if sig == signal.SIGHUP:
+                self.reload()
+                continue
+            log.info("%s received, stopping", signal.Signals(sig).name)
+            milter.stop()
+            return
+
+    def run(self) -> int:
+        import Milter
+        import milter
+
+        from .milter import Ipv6Milter
+
+        cfg = self.engine.cfg
+        Milter.factory = partial(Ipv6Milter, self.engine)
+        # A bug that escapes our own guard defers the message, never accepts it.
+        Milter.set_exception_policy(Milter.TEMPFAIL)
+        _register(milter, Milter)
+        sock = cfg.socket
+        milter.setconn(sock)
+        old_umask = os.umask(cfg.umask)
+        try:
+            milter.opensocket(True)
+        except milter.error as e:
+            log.error("cannot open socket %s: %s", sock, e)
+            return 1
+        finally:
+            os.umask(old_umask)
+        if cfg.pid_file:
+            with open(cfg.pid_file, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+        if cfg.user_id:
+            try:
+                _drop_privileges(cfg.user_id)
+            except (KeyError, OSError) as e:
+                log.error("cannot switch to UserID %s: %s", cfg.user_id, e)
+                return 1
+        elif os.geteuid() == 0:
+            log.warning("running as root: set UserID, or start as an unprivileged user")
+        threading.Thread(target=self._signals, name="signals", daemon=True).start()
+        log.info(
+            "ipv6milter %s listening on %s (mode %s, AcceptDomains %s)",
+            __version__,
+            sock,
+            cfg.mode,
+            cfg.accept_domains,
+        )
+        try:
+            milter.main()
+        except milter.error as e:
+            log.error("milter main loop failed: %s", e)
+            return 1
+        finally:
+            self.engine.shutdown()
+            if cfg.pid_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(cfg.pid_file)
+        log.info("stopped")
+        return 0
+
+
+def _register(milter, Milter) -> None:  # type: ignore[no-untyped-def]
+    """Wire libmilter's callbacks to the per-connection object, as
+    ``Milter.runmilter`` does, but leaving socket set-up to us so that
+    privileges can be dropped between binding and serving."""
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+    milter.register(
+        "ipv6milter",
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.check_config:
+        return check_config(args.config)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    setup_logging(cfg)
+    # Before any thread exists, so that every thread inherits the mask and
+    # only the signal thread ever receives these.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    return Daemon(args.config, cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The pymilter adapter: gathers facts from the MTA, asks the engine and the
+policy, applies the verdict.  No decision is taken here.
+
+One instance per SMTP connection (libmilter runs each in its own thread).
+Per-message state is reset at MAIL FROM and on abort.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import socket
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import Milter
+
+from . import authresults, policy
+from .dkimcheck import unverified
+from .engine import IPREV_UNFINISHED, Engine
+from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
+
+log = logging.getLogger(__name__)
+
+SPF_UNFINISHED = SpfResult("temperror", "", "mailfrom", "did not finish in time")
+NAME = "ipv6milter"
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An internal error tempfails this message, is logged once with its
+    traceback, and the milter keeps serving (SPEC §1)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Ipv6Milter, *args: Any) -> Any:
+        try:
+            return fn(self, *args)
+        except Exception:
+            log.exception("internal error in %s callback, client=%s", fn.__name__, self.client)
+            reply = policy.INTERNAL_ERROR
+            try:
+                self.setreply(reply.code, reply.xcode, reply.text)
+            except Exception:  # no context left to reply on (connection gone)
+                log.debug("could not set the internal-error reply", exc_info=True)
+            return Milter.TEMPFAIL
+
+    return wrapper
+
+
+def _kv(value: object) -> str:
+    """A log value: quoted when it holds spaces, stripped of control characters."""
+    text = re.sub(r"[\x00-\x1f\x7f]", "?", str(value))[:200] if value not in (None, "") else "-"
+    return f'"{text}"' if (" " in text or '"' in text) else text
+
+
+@Milter.header_leading_space
+class Ipv6Milter(Milter.Base):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.cfg = engine.cfg
+        self.addr: IPAddress | None = None
+        self.client = "-"
+        self.conn_scope = Scope.LOCAL
+        self.helo = ""
+        self.j: str | None = None
+        self.iprev_fut: Future[IprevResult] | None = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self.mail_from: str | None = None
+        self.scope = self.conn_scope
+        self.spf_fut: Future[SpfResult] | None = None
+        self.opted_in = 0
+        self.rcpts: list[str] = []
+        self.headers: list[tuple[str, bytes]] = []
+        self.ar_values: list[str] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.too_big = False
+
+    # -- facts ---------------------------------------------------------------
+
+    def _checks_wanted(self) -> bool:
+        return self.addr is not None and (self.scope.in_scope or self.cfg.stamp_all)
+
+    def _start_iprev(self) -> None:
+        if self.iprev_fut is None and self._checks_wanted():
+            assert self.addr is not None
+            addr = policy.effective_address(self.addr)
+            self.iprev_fut = self.engine.start(self.engine.iprev, addr)
+
+    @_guarded
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        # Postfix calls connect a second time after XCLIENT, with the new
+        # client: every connection fact is taken anew, the latest one wins.
+        self.cfg = self.engine.cfg
+        raw = hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr
+        self.addr = (
+            policy.parse_address(raw) if family in (socket.AF_INET, socket.AF_INET6) else None
+        )
+        self.client = str(self.addr) if self.addr else "local"
+        self.j = self.getsymval("j")
+        self.conn_scope = policy.classify(self.cfg, self.addr)
+        self.iprev_fut = None
+        self._reset_message()
+        self._start_iprev()
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def hello(self, hostname: str) -> int:
+        self.helo = hostname
+        return Milter.CONTINUE
+
+    @_guarded
+    def envfrom(self, mail_from: str, *params: str) -> int:
+        self._reset_message()
+        self.cfg = self.engine.cfg  # a reloaded configuration applies from here on
+        self.mail_from = mail_from
+        authenticated = bool(self.getsymval("{auth_authen}"))
+        self.scope = policy.classify(self.cfg, self.addr, authenticated)
+        if self._checks_wanted():
+            assert self.addr is not None
+            self._start_iprev()
+            addr = policy.effective_address(self.addr)
+            self.spf_fut = self.engine.start(self.engine.spf, addr, mail_from, self.helo)
+        return Milter.CONTINUE
+
+    @_guarded
+    def envrcpt(self, rcpt: str, *params: str) -> int:
+        self.rcpts.append(rcpt)
+        if not self.scope.in_scope:
+            return Milter.CONTINUE
+        assert self.addr is not None
+        domain = policy.recipient_domain(rcpt)
+        opted_in = bool(domain) and self.cfg.accept_domains.matches(domain)
+        iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED) if opted_in else None
+        verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev)
+        self._log("rcpt", verdict, rcpt=rcpt, iprev=iprev.result if iprev else None)
+        if verdict.refuses:
+            return self._refuse(verdict.reply)
+        if opted_in:
+            self.opted_in += 1
+        return Milter.CONTINUE
+
+    @Milter.decode("bytes")
+    @_guarded
+    def header(self, name: str, value: bytes) -> int:
+        self.headers.append((name, value))
+        if name.lower() == "authentication-results":
+            self.ar_values.append(value.decode("utf-8", "replace"))
+        self._count(len(name) + len(value) + 4)
+        return Milter.CONTINUE
+
+    @_guarded
+    def body(self, chunk: bytes) -> int:
+        if not self._checks_wanted() and self._protocol & Milter.P_SKIP:
+            return Milter.SKIP  # only the headers matter: no DKIM to run
+        if not self.too_big:
+            self.body.append(chunk)
+        self._count(len(chunk))
+        return Milter.CONTINUE
+
+    def _count(self, n: int) -> None:
+        # Memory stays bounded: past MaxMessageSize nothing more is kept and
+        # the message is judged without DKIM.
+        self.size += n
+        if self.size > self.cfg.max_message_size and not self.too_big:
+            self.too_big = True
+            self.body = []
+
+    @_guarded
+    def eom(self) -> int:
+        cfg = self.cfg
+        authserv_id = cfg.default_authserv_id(self.j or self.getsymval("j"))
+        stamp = self._checks_wanted()
+        iprev = spf = None
+        dkim: tuple[DkimResult, ...] = ()
+        verdict = ACCEPT
+        if stamp:
+            assert self.addr is not None
+            iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED)
+            spf = self.engine.wait(self.spf_fut, SPF_UNFINISHED)
+            dkim = self._dkim()
+            if self.scope.in_scope and self.opted_in:
+                verdict = policy.decide_eom(cfg, self.addr, spf, dkim)
+        self._log(
+            "eom",
+            verdict,
+            iprev=iprev.result if iprev else None,
+            spf=spf.result if spf else None,
+            dkim=",".join(r.result for r in dkim) if stamp else None,
+        )
+        if verdict.refuses:
+            return self._refuse(verdict.reply)
+        if self.scope is not Scope.TRUSTED:
+            # RFC 8601 §5: remove what claims to be ours; highest index first.
+            for idx in authresults.forged_indexes(self.ar_values, authserv_id):
+                self.chgheader(authresults.FIELD, idx, "")
+        if stamp:
+            addr = policy.effective_address(self.addr) if self.addr else None
+            value = authresults.build(authserv_id, addr, iprev, spf, dkim)
+            if self._protocol & Milter.P_HDR_LEADSPC:
+                value = " " + value  # with leading-space mode we supply the space
+            self.addheader(authresults.FIELD, value, 0)
+        return Milter.CONTINUE
+
+    def _dkim(self) -> tuple[DkimResult, ...]:
+        if self.too_big:
+            sigs = [v for n, v in self.headers if n.lower() == "dkim-signature"]
+            return unverified(sigs, "message too large", self.cfg.max_signatures)
+        return self.engine.dkim(self._message())
+
+    def _message(self) -> bytes:
+        """The message as received, rebuilt byte for byte (c=simple needs it)."""
+        sep = b":" if self._protocol & Milter.P_HDR_LEADSPC else b": "
+        lines = [name.encode("ascii", "replace") + sep + value for name, value in self.headers]
+        head = re.sub(rb"\r?\n", b"\r\n", b"\r\n".join(lines))
+        return head + b"\r\n\r\n" + b"".join(self.body)
+
+    def abort(self) -> int:
+        self._reset_message()
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        return Milter.CONTINUE
+
+    # -- replies and the decision log ----------------------------------------
+
+    def _refuse(self, reply: Reply | None) -> int:
+        assert reply is not None
+        self.setreply(reply.code, reply.xcode, reply.text)
+        return Milter.REJECT if reply.code.startswith("5") else Milter.TEMPFAIL
+
+    def _log(self, stage: str, verdict: Verdict, **facts: object) -> None:
+        fields = {
+            "stage": stage,
+            "client": self.client,
+            "scope": self.scope.value,
+            "qid": self.getsymval("i"),
+            "helo": self.helo,
+            "from": self.mail_from,
+            "rcpt": facts.pop("rcpt", None) or ",".join(self.rcpts),
+            **facts,
+        }
+        if verdict.reply is None:
+            fields["reply"] = "accept"
+        elif verdict.enforced:
+            fields["reply"] = verdict.summary
+        else:
+            fields["reply"] = "accept"
+            fields["would_reply"] = verdict.summary
+        fields["mode"] = self.cfg.mode
+        log.info("decision %s", " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))

@@ -1,0 +1,175 @@
+"""The policy: every reply of SPEC §1 is decided here, and only here.
+
+Pure functions from facts to a ``Verdict``; no DNS, no milter, no clock.
+The adapter and ``ipv6milter-check`` apply what these return.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+
+from .config import Config, normalise_domain
+from .model import (
+    ACCEPT,
+    DkimResult,
+    IPAddress,
+    Iprev,
+    IprevResult,
+    Reply,
+    Scope,
+    SpfResult,
+    Verdict,
+)
+
+
+def not_opted_in(domain: str) -> Reply:
+    return Reply(
+        "550", "5.2.1", f"Service unavailable, [{domain}] does not accept email over IPv6."
+    )
+
+
+def no_reverse_dns(addr: IPAddress) -> Reply:
+    return Reply(
+        "450",
+        "4.7.25",
+        f"Service unavailable, sending IPv6 address [{addr}] must have reverse DNS record.",
+    )
+
+
+def not_authenticated(addr: IPAddress) -> Reply:
+    return Reply(
+        "450",
+        "4.7.26",
+        f"Service unavailable, message sent over IPv6 [{addr}] must pass either SPF "
+        "or DKIM validation.",
+    )
+
+
+def dns_tempfail(what: str, addr: IPAddress) -> Reply:
+    # RFC 3463 4.4.3 "directory server failure": one code for every temporary
+    # DNS failure, so that it always reads "DNS trouble, retry".
+    return Reply(
+        "451", "4.4.3", f"Temporary DNS failure checking {what} of [{addr}], try again later"
+    )
+
+
+INTERNAL_ERROR = Reply("451", "4.3.0", "Internal error in the IPv6 policy filter, try again later")
+
+
+# -- scope ------------------------------------------------------------------------
+
+
+def parse_address(raw: str | None) -> IPAddress | None:
+    """An address as an MTA hands it over: ``IPv6:`` prefixes, brackets, zone ids."""
+    if not raw:
+        return None
+    a = raw.strip().strip("[]")
+    if a[:5].lower() == "ipv6:":
+        a = a[5:]
+    a = a.split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(a)
+    except ValueError:
+        return None
+
+
+def classify(cfg: Config, addr: IPAddress | None, authenticated: bool = False) -> Scope:
+    """SPEC §1: in scope means IPv6 (not mapped IPv4), not trusted, not authenticated."""
+    if addr is None:
+        return Scope.LOCAL
+    effective = addr.ipv4_mapped if addr.version == 6 and addr.ipv4_mapped else addr
+    if cfg.is_trusted(effective):
+        return Scope.TRUSTED
+    if authenticated and cfg.skip_authenticated:
+        return Scope.AUTHENTICATED
+    if addr.version == 4:
+        return Scope.IPV4
+    if addr.ipv4_mapped:
+        return Scope.MAPPED
+    return Scope.IPV6
+
+
+def effective_address(addr: IPAddress) -> IPAddress:
+    """An IPv4-mapped address is the IPv4 address it carries."""
+    if addr.version == 6 and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+# -- recipient stage -------------------------------------------------------------------
+
+
+def recipient_domain(rcpt: str) -> str:
+    """The domain of RCPT TO's address, lower case, trailing dot removed."""
+    a = rcpt.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1]
+    if a.startswith("@") and ":" in a:
+        a = a.split(":", 1)[1]
+    if "@" not in a:
+        return ""
+    return a.rpartition("@")[2].strip().rstrip(".").lower()
+
+
+def _reply_domain(domain: str) -> str:
+    """The domain as it appears in a reply: ASCII (A-labels), printable, no '%'."""
+    d = normalise_domain(domain) if not domain.isascii() else domain
+    return re.sub(r"[^\x21-\x7e]|%", "?", d)
+
+
+def ptr_valid(cfg: Config, iprev: IprevResult) -> bool | None:
+    """True/False for ``ReverseDNS``; None when a temporary failure leaves it open."""
+    if cfg.reverse_dns == "fcrdns":
+        if iprev.result is Iprev.PASS:
+            return True
+        return None if iprev.result is Iprev.TEMPERROR else False
+    if iprev.ptr_temperror:
+        return None
+    return bool(iprev.names)
+
+
+def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | None) -> Verdict:
+    """One recipient of an in-scope client.
+
+    The opt-in check comes first and wins over any PTR problem (SPEC §1);
+    a recipient without a domain (RFC 5321 ``<postmaster>``) is never refused.
+    ``iprev`` is only needed for an opted-in domain; None stands for a lookup
+    that did not finish in time.
+    """
+    if not domain:
+        return ACCEPT
+    if not cfg.accept_domains.matches(domain):
+        return _verdict(cfg, not_opted_in(_reply_domain(domain)), "domain not opted in")
+    valid = ptr_valid(cfg, iprev) if iprev is not None else None
+    if valid:
+        return ACCEPT
+    if valid is None:
+        return _verdict(cfg, dns_tempfail("reverse DNS", addr), "PTR lookup failed temporarily")
+    return _verdict(cfg, no_reverse_dns(addr), f"reverse DNS ({cfg.reverse_dns}) not valid")
+
+
+# -- end of message ---------------------------------------------------------------------
+
+
+def decide_eom(
+    cfg: Config, addr: IPAddress, spf: SpfResult | None, dkim: Sequence[DkimResult]
+) -> Verdict:
+    """SPF pass or one verified DKIM signature; a temporary error that decides is 4.4.3.
+
+    ``spf`` None stands for an SPF check that did not finish in time.
+    """
+    spf_result = spf.result if spf is not None else "temperror"
+    if spf_result == "pass" or any(r.result == "pass" for r in dkim):
+        return ACCEPT
+    if spf_result == "temperror" or any(r.result == "temperror" for r in dkim):
+        return _verdict(
+            cfg, dns_tempfail("SPF and DKIM", addr), "SPF or DKIM key lookup failed temporarily"
+        )
+    return _verdict(cfg, not_authenticated(addr), "neither SPF nor DKIM passed")
+
+
+def _verdict(cfg: Config, reply: Reply, reason: str) -> Verdict:
+    # Monitor mode: the reply enforce mode would give, recorded, not sent.
+    return Verdict(reply=reply, enforced=not cfg.monitor, reasons=(reason,))

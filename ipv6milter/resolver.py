@@ -1,0 +1,252 @@
+"""The DNS layer: the only module that talks to dnspython.
+
+One ``Resolver`` serves the PTR/FCrDNS lookups, pyspf and dkimpy, so they share
+one TTL-respecting cache and one notion of failure:
+
+* NXDOMAIN, an empty answer or a name that cannot exist is *no data* (an
+  empty list);
+* a timeout, SERVFAIL, REFUSED or no reachable server is ``TempFail``.
+
+Time is bounded twice (SPEC §1): each lookup by ``DNSTimeout``, and all
+lookups of one SMTP stage by a ``Budget`` of ``StageTimeout`` seconds.  A
+spent budget is a ``TempFail`` too.
+
+pyspf has no resolver argument: it calls the module-level ``spf.DNSLookup``.
+``pyspf_bridge`` installs our function there once, and ``Budget`` objects
+reach it through a thread-local, so concurrent milter threads never share
+state through pyspf's globals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+import spf
+
+from .model import IPAddress
+
+log = logging.getLogger(__name__)
+
+
+class TempFail(Exception):
+    """A temporary DNS failure: try again later."""
+
+
+class Budget:
+    """The time left for the DNS work of one SMTP stage.
+
+    ``trace``, when a list, receives one line per query and answer (for
+    ``ipv6milter-check --explain``).
+    """
+
+    def __init__(self, seconds: float, trace: list[str] | None = None):
+        self.deadline = time.monotonic() + seconds
+        self.trace = trace
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def note(self, line: str) -> None:
+        if self.trace is not None:
+            self.trace.append(line)
+
+
+def _to_text(rdata: Any) -> str:
+    return rdata.to_text()
+
+
+class Resolver:
+    """A stub resolver over dnspython with a shared cache.
+
+    ``nameservers`` are ``(address, port)`` pairs; empty means the system's
+    resolv.conf.  Configure it once, before threads start; ``query`` is then
+    safe from any thread (dnspython's LRUCache is locked).
+    """
+
+    def __init__(
+        self,
+        nameservers: tuple[tuple[str, int], ...] = (),
+        timeout: float = 5.0,
+        cache_size: int = 20000,
+    ):
+        self.timeout = timeout
+        if nameservers:
+            r = dns.resolver.Resolver(configure=False)
+            _set_nameservers(r, nameservers)
+        else:
+            r = dns.resolver.Resolver()
+        r.timeout = timeout
+        r.lifetime = timeout
+        r.cache = dns.resolver.LRUCache(cache_size)
+        self._r = r
+
+    # -- the one query primitive ------------------------------------------
+
+    def query(self, name: str | dns.name.Name, rdtype: str, budget: Budget) -> list[Any]:
+        """Return the rdata of ``name``/``rdtype``; [] for no data; raise TempFail."""
+        lifetime = min(self.timeout, budget.remaining())
+        if lifetime <= 0:
+            budget.note(f"{name} {rdtype}: stage time budget spent")
+            raise TempFail(f"DNS time budget for this stage spent before {name} {rdtype}")
+        try:
+            answer = self._r.resolve(
+                name, rdtype, search=False, lifetime=lifetime, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            budget.note(f"{name} {rdtype}: NXDOMAIN")
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+            budget.note(f"{name} {rdtype}: temporary failure ({type(e).__name__})")
+            raise TempFail(f"{name} {rdtype}: {type(e).__name__}") from None
+        except (
+            dns.name.NameTooLong,
+            dns.name.LabelTooLong,
+            dns.name.EmptyLabel,
+            dns.resolver.YXDOMAIN,
+            dns.resolver.NoRootSOA,
+        ) as e:
+            # A name that cannot exist has no data; that is not a DNS outage.
+            budget.note(f"{name} {rdtype}: impossible name ({type(e).__name__})")
+            return []
+        except dns.exception.DNSException as e:
+            # Anything else from the wire (malformed answers...) is temporary:
+            # a retry may well succeed, and nothing is turned into a pass.
+            budget.note(f"{name} {rdtype}: error ({type(e).__name__})")
+            raise TempFail(f"{name} {rdtype}: {type(e).__name__}: {e}") from None
+        rrset = answer.rrset
+        items = list(rrset) if rrset is not None else []
+        budget.note(f"{name} {rdtype}: " + (", ".join(map(_to_text, items)) or "no data"))
+        return items
+
+    # -- typed helpers ----------------------------------------------------
+
+    def ptr(self, addr: IPAddress, budget: Budget) -> list[str]:
+        """PTR names of ``addr``, lower case, without the final dot."""
+        rev = dns.reversename.from_address(str(addr))
+        return [
+            r.target.to_text(omit_final_dot=True).lower() for r in self.query(rev, "PTR", budget)
+        ]
+
+    def addresses(self, name: str, version: int, budget: Budget) -> list[IPAddress]:
+        rdtype = "AAAA" if version == 6 else "A"
+        out = []
+        for r in self.query(name, rdtype, budget):
+            try:
+                out.append(ipaddress.ip_address(r.address))
+            except ValueError:
+                continue
+        return out
+
+    def txt(self, name: str, budget: Budget) -> list[bytes]:
+        """TXT records, each one's character-strings joined (RFC 7208 §3.3)."""
+        return [b"".join(r.strings) for r in self.query(name, "TXT", budget)]
+
+    # -- front ends for the libraries ---------------------------------------
+
+    def dkim_dnsfunc(self, budget: Budget) -> Callable[..., bytes | None]:
+        """A ``dnsfunc`` for dkimpy: TXT of a key name, or None.
+
+        ``TempFail`` is deliberately not a DKIMException: dkimpy lets it
+        through, so a DNS outage is told apart from a bad signature.
+        """
+
+        def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+            qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+            records = self.txt(qname, budget)
+            return records[0] if records else None
+
+        return dnsfunc
+
+    @contextmanager
+    def for_pyspf(self, budget: Budget) -> Iterator[None]:
+        """Route the calling thread's pyspf lookups through this resolver."""
+        pyspf_bridge.install()
+        previous = getattr(_local, "ctx", None)
+        _local.ctx = (self, budget)
+        try:
+            yield
+        finally:
+            _local.ctx = previous
+
+
+def _set_nameservers(r: dns.resolver.Resolver, servers: tuple[tuple[str, int], ...]) -> None:
+    try:
+        import dns.nameserver  # dnspython >= 2.4
+    except ImportError:
+        # dnspython 2.3 (Debian 12): per-address ports in nameserver_ports.
+        r.nameservers = [h for h, _ in servers]
+        r.nameserver_ports = {h: p for h, p in servers}
+        return
+    r.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+
+
+# -- pyspf ---------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _pyspf_lookup(
+    name: str, qtype: str, strict: Any = True, timeout: float = 20, *args: Any, **kwargs: Any
+) -> list[tuple[tuple[str, str], Any]]:
+    """pyspf's ``DNSLookup`` contract: ``[((name, qtype), value), ...]``.
+
+    TXT values are sequences of bytes; a temporary failure is ``spf.TempError``.
+    """
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
+        raise spf.TempError("DNS lookup outside an ipv6milter SPF check")
+    resolver, budget = ctx
+    try:
+        items = resolver.query(name, qtype, budget)
+    except TempFail as e:
+        raise spf.TempError(f"DNS {e}") from None
+    out: list[tuple[tuple[str, str], Any]] = []
+    for r in items:
+        if qtype in ("A", "AAAA"):
+            value: Any = r.address
+        elif qtype == "MX":
+            value = (r.preference, r.exchange.to_text(omit_final_dot=True))
+        elif qtype == "PTR":
+            value = r.target.to_text(omit_final_dot=True)
+        elif qtype in ("TXT", "SPF"):
+            value = tuple(r.strings)
+        else:
+            continue
+        out.append(((name, qtype), value))
+    return out
+
+
+class _PyspfBridge:
+    """Installs ``_pyspf_lookup`` as ``spf.DNSLookup``, once per process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.original: Callable[..., Any] | None = None
+
+    def install(self) -> None:
+        if spf.DNSLookup is _pyspf_lookup:
+            return
+        with self._lock:
+            if spf.DNSLookup is not _pyspf_lookup:
+                self.original = spf.DNSLookup
+                spf.DNSLookup = _pyspf_lookup
+
+    def uninstall(self) -> None:
+        with self._lock:
+            if self.original is not None:
+                spf.DNSLookup = self.original
+                self.original = None
+
+
+pyspf_bridge = _PyspfBridge()
