@@ -75,7 +75,7 @@ class Ipv6Milter(Milter.Base):
         self.rcpts: list[str] = []
         self.headers: list[tuple[str, bytes]] = []
         self.ar_values: list[str] = []
-        self.body: list[bytes] = []
+        self.chunks: list[bytes] = []
         self.size = 0
         self.too_big = False
 
@@ -157,7 +157,7 @@ class Ipv6Milter(Milter.Base):
         if not self._checks_wanted() and self._protocol & Milter.P_SKIP:
             return Milter.SKIP  # only the headers matter: no DKIM to run
         if not self.too_big:
-            self.body.append(chunk)
+            self.chunks.append(chunk)
         self._count(len(chunk))
         return Milter.CONTINUE
 
@@ -167,7 +167,7 @@ class Ipv6Milter(Milter.Base):
         self.size += n
         if self.size > self.cfg.max_message_size and not self.too_big:
             self.too_big = True
-            self.body = []
+            self.chunks = []
 
     @_guarded
     def eom(self) -> int:
@@ -216,7 +216,7 @@ class Ipv6Milter(Milter.Base):
         sep = b":" if self._protocol & Milter.P_HDR_LEADSPC else b": "
         lines = [name.encode("ascii", "replace") + sep + value for name, value in self.headers]
         head = re.sub(rb"\r?\n", b"\r\n", b"\r\n".join(lines))
-        return head + b"\r\n\r\n" + b"".join(self.body)
+        return head + b"\r\n\r\n" + b"".join(self.chunks)
 
     def abort(self) -> int:
         self._reset_message()

@@ -1,0 +1,372 @@
+"""The pymilter adapter, driven through pymilter's test context (no MTA)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+
+import dkim
+import dns.reversename
+import Milter
+import pytest
+
+from ipv6milter import authresults, config
+from ipv6milter.engine import Engine
+from ipv6milter.milter import Ipv6Milter
+from tests.dkimkeys import make_key
+from tests.unit.fakedns import TEMP, FakeResolver
+from tests.unit.milterctx import RecordingCtx
+
+GOOD = "2001:db8::25"
+NOPTR = "2001:db8::99"
+TEMPPTR = "2001:db8::77"
+AUTHSERV = "mx.example.org"
+
+
+def rev(addr: str) -> str:
+    return dns.reversename.from_address(addr).to_text()
+
+
+def zone() -> FakeResolver:
+    _, key = make_key()
+    return FakeResolver({
+        (rev(GOOD), "PTR"): "mail.example.com.",
+        ("mail.example.com", "AAAA"): GOOD,
+        (rev(TEMPPTR), "PTR"): TEMP,
+        ("example.com", "TXT"): f"v=spf1 ip6:{GOOD} -all",
+        ("fail.example", "TXT"): "v=spf1 -all",
+        ("temp.example", "TXT"): TEMP,
+        ("sel1._domainkey.example.com", "TXT"): key,
+        (rev("192.0.2.10"), "PTR"): "v4.example.com.",
+        ("v4.example.com", "A"): "192.0.2.10",
+    })
+
+
+def cfg(**kw: object) -> config.Config:
+    base = config.parse("AcceptDomains example.org, .example.net\nAuthservID mx.example.org\n")
+    return dataclasses.replace(base, **kw)
+
+
+@pytest.fixture
+def resolver() -> FakeResolver:
+    return zone()
+
+
+def ctx_for(c: config.Config, resolver: FakeResolver, opts: list[int] | None = None) -> RecordingCtx:
+    engine = Engine(c, resolver, workers=2)
+    return RecordingCtx(partial(Ipv6Milter, engine), opts)
+
+
+def message(sender: str = "a@example.com", extra: bytes = b"", sign: bool = False,
+            body: bytes = b"Hello.\r\n") -> bytes:
+    msg = (extra + f"From: {sender}\r\nTo: b@example.org\r\nSubject: test\r\n".encode()
+           + b"Message-ID: <1@example.com>\r\n\r\n" + body)
+    if sign:
+        private, _ = make_key()
+        msg = dkim.sign(msg, b"sel1", b"example.com", private,
+                        canonicalize=(b"simple", b"simple")) + msg
+    return msg
+
+
+def our_header(ctx: RecordingCtx):
+    adds = [c for c in ctx.calls if c[0] == "add"]
+    assert len(adds) == 1, ctx.calls
+    _, field, value, idx = adds[0]
+    assert (field, idx) == ("Authentication-Results", 0)
+    return authresults.parse(value.strip())
+
+
+def results(ctx: RecordingCtx) -> dict[str, str]:
+    return {r.method: r.result for r in our_header(ctx).results}
+
+
+# -- accept -----------------------------------------------------------------------
+
+
+def test_clean_accept_stamps_one_header_at_the_top(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    assert ctx.connect(GOOD) == Milter.CONTINUE
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["rcpt"] == [(Milter.CONTINUE, None)]
+    assert out["eom"] == Milter.CONTINUE
+    hdr = our_header(ctx)
+    assert hdr.authserv_id == AUTHSERV
+    assert results(ctx) == {"iprev": "pass", "spf": "pass", "dkim": "none"}
+    assert ctx.result_headers()[0][0] == "Authentication-Results"
+
+
+def test_dkim_alone_is_enough(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@fail.example", ["b@example.org"], message(sign=True))
+    assert out["eom"] == Milter.CONTINUE, out
+    assert results(ctx) == {"iprev": "pass", "spf": "fail", "dkim": "pass"}
+
+
+def test_dkim_simple_canonicalisation_with_leading_space_headers(resolver: FakeResolver) -> None:
+    # With P_HDR_LEADSPC the values keep their space and folding: the message
+    # is rebuilt byte for byte, so c=simple/simple verifies.
+    folded = b"X-Folded: one\r\n\t two\r\n"
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    assert ctx._protocol & Milter.P_HDR_LEADSPC
+    out = ctx.transaction("x@fail.example", ["b@example.org"], message(extra=folded, sign=True))
+    assert out["eom"] == Milter.CONTINUE, out
+    adds = [c for c in ctx.calls if c[0] == "add"]
+    assert adds[0][2].startswith(" mx.example.org;")  # we supply the space ourselves
+
+
+def test_without_leading_space_mode_relaxed_signature_still_verifies(
+        resolver: FakeResolver) -> None:
+    opts = list(Milter.testctx.TestCtx.default_opts)
+    opts[1] &= ~Milter.P_HDR_LEADSPC
+    ctx = ctx_for(cfg(), resolver, opts)
+    ctx.connect(GOOD)
+    assert not ctx._protocol & Milter.P_HDR_LEADSPC
+    private, _ = make_key()
+    msg = message()
+    msg = dkim.sign(msg, b"sel1", b"example.com", private,
+                    canonicalize=(b"relaxed", b"relaxed")) + msg
+    out = ctx.transaction("x@fail.example", ["b@example.org"], msg)
+    assert out["eom"] == Milter.CONTINUE
+    assert results(ctx)["dkim"] == "pass"
+    assert not ctx.calls[-1][2].startswith(" ")
+
+
+# -- the replies -------------------------------------------------------------------
+
+
+def test_domain_not_opted_in_gets_550_per_recipient(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("a@example.com", ["x@Contoso.COM", "b@example.org"], message())
+    assert out["rcpt"][0] == (Milter.REJECT, (
+        "550", "5.2.1", "Service unavailable, [contoso.com] does not accept email over IPv6."))
+    assert out["rcpt"][1] == (Milter.CONTINUE, None)
+    assert out["eom"] == Milter.CONTINUE
+
+
+def test_550_wins_over_a_ptr_problem(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(NOPTR)
+    out = ctx.transaction("a@example.com", ["x@contoso.com", "b@example.org"], message())
+    assert out["rcpt"][0][1][:2] == ("550", "5.2.1")
+    assert out["rcpt"][1] == (Milter.TEMPFAIL, (
+        "450", "4.7.25",
+        "Service unavailable, sending IPv6 address [2001:db8::99] must have reverse DNS record."))
+
+
+def test_ptr_temporary_failure_is_451_at_rcpt(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(TEMPPTR)
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    rc, reply = out["rcpt"][0]
+    assert rc == Milter.TEMPFAIL
+    assert reply[:2] == ("451", "4.4.3") and "try again later" in reply[2]
+
+
+def test_neither_spf_nor_dkim_is_450_4726_at_eom(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@fail.example", ["b@example.org"], message())
+    assert out["eom"] == Milter.TEMPFAIL
+    assert out["eom_reply"] == (
+        "450", "4.7.26", "Service unavailable, message sent over IPv6 [2001:db8::25] must pass "
+        "either SPF or DKIM validation.")
+    assert not [c for c in ctx.calls if c[0] == "add"]
+
+
+def test_spf_temperror_is_451_at_eom(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@temp.example", ["b@example.org"], message())
+    assert out["eom"] == Milter.TEMPFAIL
+    assert out["eom_reply"][:2] == ("451", "4.4.3")
+
+
+def test_reply_address_is_rfc5952_canonical(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect("2001:0DB8:0:0:0:0:0:0099")
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert "[2001:db8::99]" in out["rcpt"][0][1][2]
+
+
+# -- monitor mode ---------------------------------------------------------------------
+
+
+def test_monitor_mode_never_refuses_and_logs_the_would_be_reply(
+        resolver: FakeResolver, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ctx_for(cfg(mode="monitor"), resolver)
+    ctx.connect(NOPTR)
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        out = ctx.transaction("x@fail.example", ["x@contoso.com", "b@example.org"], message())
+    assert [rc for rc, _ in out["rcpt"]] == [Milter.CONTINUE, Milter.CONTINUE]
+    assert out["eom"] == Milter.CONTINUE
+    assert results(ctx) == {"iprev": "permerror", "spf": "fail", "dkim": "none"}
+    text = caplog.text
+    assert 'would_reply="550 5.2.1"' in text
+    assert 'would_reply="450 4.7.25"' in text
+    assert 'would_reply="450 4.7.26"' in text
+
+
+# -- out of scope -----------------------------------------------------------------------
+
+
+FORGED = (b"Authentication-Results: MX.Example.ORG; spf=pass smtp.mailfrom=x@example.com\r\n"
+          b"Authentication-Results: other.example; spf=fail\r\n")
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.10", "::ffff:192.0.2.10"])
+def test_ipv4_and_mapped_clients_untouched_but_forgeries_removed(
+        resolver: FakeResolver, ip: str) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(ip)
+    out = ctx.transaction("x@fail.example", ["x@contoso.com"], message(extra=FORGED))
+    assert out["rcpt"] == [(Milter.CONTINUE, None)]
+    assert out["eom"] == Milter.CONTINUE
+    assert not [c for c in ctx.calls if c[0] == "add"]
+    assert [c for c in ctx.calls if c[0] == "chg"] == [
+        ("chg", "Authentication-Results", 1, "")]
+    assert resolver.asked == []  # no DNS work for out-of-scope mail
+
+
+def test_trusted_client_keeps_its_authentication_results(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect("::1")
+    out = ctx.transaction("x@fail.example", ["x@contoso.com"], message(extra=FORGED))
+    assert out["rcpt"] == [(Milter.CONTINUE, None)] and out["eom"] == Milter.CONTINUE
+    assert ctx.calls == []
+
+
+def test_authenticated_client_is_exempt(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(NOPTR)
+    ctx.macro("{auth_authen}", "alice")
+    out = ctx.transaction("x@fail.example", ["x@contoso.com"], message())
+    assert out["rcpt"] == [(Milter.CONTINUE, None)] and out["eom"] == Milter.CONTINUE
+    assert not [c for c in ctx.calls if c[0] == "add"]
+
+
+def test_authenticated_client_judged_when_skip_authenticated_is_off(
+        resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(skip_authenticated=False), resolver)
+    ctx.connect(NOPTR)
+    ctx.macro("{auth_authen}", "alice")
+    out = ctx.transaction("x@fail.example", ["x@contoso.com"], message())
+    assert out["rcpt"][0][0] == Milter.REJECT
+
+
+def test_local_submission_is_out_of_scope(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(None)
+    out = ctx.transaction("x@fail.example", ["x@contoso.com"], message())
+    assert out["eom"] == Milter.CONTINUE and resolver.asked == []
+
+
+def test_stamp_all_stamps_ipv4_mail_without_refusing(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(stamp_all=True), resolver)
+    ctx.connect("192.0.2.10")
+    out = ctx.transaction("x@fail.example", ["x@contoso.com"], message())
+    assert out["eom"] == Milter.CONTINUE
+    assert results(ctx) == {"iprev": "pass", "spf": "fail", "dkim": "none"}
+    assert str(our_header(ctx).results[0].policy_iprev) == "192.0.2.10"
+
+
+# -- forged headers ---------------------------------------------------------------------
+
+
+def test_forged_headers_removed_by_index_highest_first_on_both_mtas(
+        resolver: FakeResolver) -> None:
+    extra = (b"Authentication-Results: mx.example.org; dkim=pass\r\n"
+             b"Authentication-Results: other.example; spf=pass\r\n"
+             b"Authentication-Results: MX.EXAMPLE.ORG;\r\n\tspf=pass smtp.mailfrom=a@b.c\r\n"
+             b"authentication-results: (comment) mx.example.org ; iprev=pass\r\n"
+             b"Authentication-Results: mx.example.org (((unparseable\r\n")
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("a@example.com", ["b@example.org"], message(extra=extra))
+    assert out["eom"] == Milter.CONTINUE
+    chg = [c[2] for c in ctx.calls if c[0] == "chg"]
+    assert chg == [5, 4, 3, 1]
+    for renumber in (True, False):
+        hdrs = ctx.result_headers(renumber=renumber)
+        ars = [v for n, v in hdrs if n.lower() == "authentication-results"]
+        assert len(ars) == 2, (renumber, ars)
+        assert ars[0].strip().startswith("mx.example.org;")  # ours, on top
+        assert ars[1].strip() == "other.example; spf=pass"
+
+
+# -- the transaction life cycle -------------------------------------------------------------
+
+
+def test_several_messages_on_one_connection_are_judged_each_on_their_own(
+        resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    first = ctx.transaction("x@fail.example", ["b@example.org"], message())
+    assert first["eom"] == Milter.TEMPFAIL
+    second = ctx.transaction("a@example.com", ["c@sub.example.net"], message())
+    assert second["eom"] == Milter.CONTINUE
+    assert results(ctx)["spf"] == "pass"
+    ctx._abort()
+
+
+def test_second_connect_after_xclient_is_what_counts(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect("127.0.0.1")  # the real peer: trusted
+    ctx.connect(NOPTR)  # then XCLIENT's address
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["rcpt"][0][1][:2] == ("450", "4.7.25")
+
+
+def test_postmaster_without_domain_is_never_refused(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(NOPTR)
+    out = ctx.transaction("x@fail.example", ["postmaster"], message())
+    assert out["rcpt"] == [(Milter.CONTINUE, None)]
+    assert out["eom"] == Milter.CONTINUE  # no opted-in recipient: no 4.7.26
+
+
+def test_oversized_message_is_judged_without_dkim(resolver: FakeResolver) -> None:
+    c = cfg(max_message_size=2048)
+    ctx = ctx_for(c, resolver)
+    ctx.connect(GOOD)
+    msg = message(sign=True, body=b"x" * 5000 + b"\r\n")
+    out = ctx.transaction("x@fail.example", ["b@example.org"], msg, chunk=1000)
+    assert out["eom"] == Milter.TEMPFAIL
+    assert out["eom_reply"][:2] == ("450", "4.7.26")
+    assert ctx._priv.chunks == []  # nothing past the limit was kept
+
+
+def test_internal_error_tempfails_that_message_and_the_milter_goes_on(
+        resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    engine = ctx._priv.engine
+
+    def broken(message: bytes, trace: object = None) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "dkim", broken)
+    with caplog.at_level(logging.ERROR):
+        out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["eom"] == Milter.TEMPFAIL
+    assert out["eom_reply"][:2] == ("451", "4.3.0")
+    assert caplog.text.count("Traceback") == 1
+    monkeypatch.undo()
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["eom"] == Milter.CONTINUE
+
+
+def test_decision_log_line(resolver: FakeResolver, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    ctx.macro("i", "4ABCDEF")
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        ctx.transaction("x@fail.example", ["b@example.org"], message())
+    line = [r.getMessage() for r in caplog.records if "stage=eom" in r.getMessage()][0]
+    for part in ("client=2001:db8::25", "qid=4ABCDEF", "iprev=pass", "spf=fail", "dkim=-",
+                 'reply="450 4.7.26"', "mode=enforce", "helo=mail.example.com"):
+        assert part in line, line
