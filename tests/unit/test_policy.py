@@ -1,0 +1,206 @@
+"""The pure policy: one test per row of SPEC §1 and per DNS-failure path."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+
+from ipv6milter import config, policy
+from ipv6milter.model import DkimResult, Iprev, IprevResult, Scope, SpfResult
+
+ADDR = ipaddress.ip_address("2001:db8::25")
+
+
+def cfg(**kw: object) -> config.Config:
+    base = config.parse("AcceptDomains example.org, .example.net, bücher.de\n")
+    return dataclasses.replace(base, **kw)
+
+
+PASS = IprevResult(Iprev.PASS, ("mail.example.com",), confirmed="mail.example.com")
+UNCONFIRMED = IprevResult(Iprev.FAIL, ("elsewhere.example",))
+NO_PTR = IprevResult(Iprev.PERMERROR)
+PTR_TEMP = IprevResult(Iprev.TEMPERROR, ptr_temperror=True)
+FORWARD_TEMP = IprevResult(Iprev.TEMPERROR, ("mail.example.com",))
+
+
+def spf(result: str) -> SpfResult:
+    return SpfResult(result, "a@example.com", "mailfrom")
+
+
+def dk(*results: str) -> tuple[DkimResult, ...]:
+    return tuple(DkimResult(r, "example.com", "sel1") for r in results)
+
+
+# -- scope ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "auth", "scope"), [
+    ("2001:db8::25", False, Scope.IPV6),
+    ("IPv6:2001:db8:0:0:0:0:0:25", False, Scope.IPV6),  # Sendmail's macro form
+    ("[2001:db8::25]", False, Scope.IPV6),
+    ("fe80::1%eth0", False, Scope.IPV6),
+    ("192.0.2.1", False, Scope.IPV4),
+    ("::ffff:192.0.2.1", False, Scope.MAPPED),
+    ("IPv6:::ffff:192.0.2.1", False, Scope.MAPPED),
+    ("::1", False, Scope.TRUSTED),
+    ("::ffff:127.0.0.1", False, Scope.TRUSTED),  # mapped, then matched as IPv4
+    ("2001:db8::25", True, Scope.AUTHENTICATED),
+    (None, False, Scope.LOCAL),
+    ("not-an-address", False, Scope.LOCAL),
+])
+def test_classify(raw: str | None, auth: bool, scope: Scope) -> None:
+    assert policy.classify(cfg(), policy.parse_address(raw), auth) is scope
+    assert scope.in_scope == (scope is Scope.IPV6)
+
+
+def test_trusted_networks_from_config() -> None:
+    c = config.parse("TrustedHosts 2001:db8:1::/48, 192.0.2.0/24\n")
+    assert policy.classify(c, policy.parse_address("2001:db8:1::7")) is Scope.TRUSTED
+    assert policy.classify(c, policy.parse_address("::ffff:192.0.2.9")) is Scope.TRUSTED
+    assert policy.classify(c, policy.parse_address("::1")) is Scope.IPV6  # default replaced
+
+
+def test_authenticated_in_scope_when_not_skipped() -> None:
+    assert policy.classify(cfg(skip_authenticated=False), ADDR, True) is Scope.IPV6
+
+
+# -- RCPT: 550 5.2.1 -----------------------------------------------------------------
+
+
+def test_row1_domain_not_opted_in() -> None:
+    v = policy.decide_rcpt(cfg(), ADDR, "contoso.com", PASS)
+    assert v.refuses
+    assert str(v.reply) == (
+        "550 5.2.1 Service unavailable, [contoso.com] does not accept email over IPv6.")
+
+
+@pytest.mark.parametrize("iprev", [NO_PTR, PTR_TEMP, None])
+def test_row1_wins_over_any_ptr_problem(iprev: IprevResult | None) -> None:
+    assert str(policy.decide_rcpt(cfg(), ADDR, "contoso.com", iprev).reply).startswith("550 5.2.1")
+
+
+@pytest.mark.parametrize(("domain", "ok"), [
+    ("example.org", True), ("EXAMPLE.ORG.", True), ("sub.example.org", False),
+    ("example.net", False), ("a.example.net", True), ("a.b.example.net", True),
+    ("bücher.de", True), ("xn--bcher-kva.de", True), ("BÜCHER.DE", True),
+])
+def test_opt_in_matching(domain: str, ok: bool) -> None:
+    v = policy.decide_rcpt(cfg(), ADDR, policy.recipient_domain(f"<x@{domain}>"), PASS)
+    assert (v.reply is None) == ok
+
+
+def test_reply_domain_is_lower_case_ascii_and_safe() -> None:
+    assert "[contoso.com]" in policy.decide_rcpt(cfg(), ADDR, "contoso.com", PASS).reply.text
+    assert "[xn--mnchen-3ya.de]" in policy.decide_rcpt(cfg(), ADDR, "münchen.de", PASS).reply.text
+    assert "%" not in policy.decide_rcpt(cfg(), ADDR, "a%b.example", PASS).reply.text
+
+
+def test_star_accepts_every_domain() -> None:
+    c = config.parse("AcceptDomains *\n")
+    assert policy.decide_rcpt(c, ADDR, "anything.example", PASS).reply is None
+
+
+@pytest.mark.parametrize(("rcpt", "domain"), [
+    ("<b@Example.ORG>", "example.org"), ("<@relay.example:b@example.org>", "example.org"),
+    ("<postmaster>", ""), ("b@example.org.", "example.org"),
+])
+def test_recipient_domain(rcpt: str, domain: str) -> None:
+    assert policy.recipient_domain(rcpt) == domain
+
+
+def test_recipient_without_domain_is_not_refused() -> None:
+    assert policy.decide_rcpt(cfg(), ADDR, "", None).reply is None
+
+
+# -- RCPT: 450 4.7.25 and its DNS failures --------------------------------------------------
+
+
+def test_row2_no_ptr() -> None:
+    v = policy.decide_rcpt(cfg(), ADDR, "example.org", NO_PTR)
+    assert str(v.reply) == ("450 4.7.25 Service unavailable, sending IPv6 address "
+                            "[2001:db8::25] must have reverse DNS record.")
+
+
+@pytest.mark.parametrize(("mode", "iprev", "expect"), [
+    ("ptr", PASS, None),
+    ("ptr", UNCONFIRMED, None),  # a PTR exists: enough for "ptr"
+    ("ptr", FORWARD_TEMP, None),  # the PTR exists; the forward lookup does not matter
+    ("ptr", NO_PTR, "450 4.7.25"),
+    ("ptr", PTR_TEMP, "451 4.4.3"),
+    ("fcrdns", PASS, None),
+    ("fcrdns", UNCONFIRMED, "450 4.7.25"),
+    ("fcrdns", NO_PTR, "450 4.7.25"),
+    ("fcrdns", FORWARD_TEMP, "451 4.4.3"),
+    ("fcrdns", PTR_TEMP, "451 4.4.3"),
+])
+def test_reverse_dns_modes(mode: str, iprev: IprevResult, expect: str | None) -> None:
+    v = policy.decide_rcpt(cfg(reverse_dns=mode), ADDR, "example.org", iprev)
+    assert (v.summary if v.reply else None) == expect
+
+
+def test_ptr_check_that_never_finished_is_a_temporary_failure() -> None:
+    v = policy.decide_rcpt(cfg(), ADDR, "example.org", None)
+    assert v.summary == "451 4.4.3"
+    assert v.reply.text.startswith("Temporary DNS failure") and "try again later" in v.reply.text
+
+
+# -- end of message: 450 4.7.26 and its DNS failures ------------------------------------------
+
+
+def test_row3_neither_spf_nor_dkim() -> None:
+    v = policy.decide_eom(cfg(), ADDR, spf("fail"), dk("fail"))
+    assert str(v.reply) == ("450 4.7.26 Service unavailable, message sent over IPv6 "
+                            "[2001:db8::25] must pass either SPF or DKIM validation.")
+
+
+@pytest.mark.parametrize(("spf_result", "dkim", "expect"), [
+    ("pass", (), None),
+    ("fail", ("pass",), None),
+    ("softfail", ("fail", "pass"), None),  # any verified signature
+    ("temperror", ("pass",), None),  # a pass decides; the temperror does not matter
+    ("pass", ("temperror",), None),
+    ("fail", (), "450 4.7.26"),
+    ("softfail", (), "450 4.7.26"),
+    ("neutral", ("fail",), "450 4.7.26"),
+    ("none", ("permerror",), "450 4.7.26"),
+    ("permerror", ("neutral",), "450 4.7.26"),  # permerror is "did not pass"
+    ("temperror", (), "451 4.4.3"),
+    ("temperror", ("fail",), "451 4.4.3"),
+    ("fail", ("temperror",), "451 4.4.3"),  # a key lookup temp error that decides
+    ("none", ("fail", "temperror"), "451 4.4.3"),
+])
+def test_eom_ladder(spf_result: str, dkim: tuple[str, ...], expect: str | None) -> None:
+    v = policy.decide_eom(cfg(), ADDR, spf(spf_result), dk(*dkim))
+    assert (v.summary if v.reply else None) == expect
+
+
+def test_spf_check_that_never_finished_is_a_temporary_failure() -> None:
+    assert policy.decide_eom(cfg(), ADDR, None, ()).summary == "451 4.4.3"
+
+
+def test_dns_failures_never_become_a_5xx_or_the_policy_texts() -> None:
+    for v in (policy.decide_rcpt(cfg(), ADDR, "example.org", PTR_TEMP),
+              policy.decide_eom(cfg(), ADDR, spf("temperror"), ())):
+        assert v.reply.code == "451" and v.reply.xcode == "4.4.3"
+        assert "must" not in v.reply.text
+
+
+# -- monitor mode -------------------------------------------------------------------------------
+
+
+def test_monitor_mode_records_the_reply_without_enforcing_it() -> None:
+    c = cfg(mode="monitor")
+    for v in (policy.decide_rcpt(c, ADDR, "contoso.com", PASS),
+              policy.decide_rcpt(c, ADDR, "example.org", NO_PTR),
+              policy.decide_rcpt(c, ADDR, "example.org", PTR_TEMP),
+              policy.decide_eom(c, ADDR, spf("fail"), ())):
+        assert v.reply is not None and not v.enforced and not v.refuses
+
+
+def test_replies_carry_no_percent_for_libmilter() -> None:
+    for r in (policy.not_opted_in("x"), policy.no_reverse_dns(ADDR),
+              policy.not_authenticated(ADDR), policy.dns_tempfail("x", ADDR),
+              policy.INTERNAL_ERROR):
+        assert "%" not in r.text and r.code[0] in "45"
