@@ -141,3 +141,45 @@ def test_sigint_stops_cleanly(daemon) -> None:  # type: ignore[no-untyped-def]
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=20) == 0
     assert "SIGINT received" in log.read_text()
+
+
+def _status(pid: int, field: str) -> list[str]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split()[1:]
+    raise AssertionError(field)
+
+
+@pytest.mark.timeout(60)
+def test_userid_drops_privileges_after_binding_and_umask_applies(tmp_path: Path) -> None:
+    # The socket directory is root's; the milter binds as root, then runs as nobody.
+    sock = tmp_path / "run" / "milter.sock"
+    sock.parent.mkdir()
+    conf = tmp_path / "ipv6milter.conf"
+    conf.write_text(f"Socket unix:{sock}\nUserID nobody:nogroup\nUMask 077\n")
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as fh:
+        p = subprocess.Popen([BIN, "-c", str(conf)], stderr=fh)
+    try:
+        wait_for(lambda: "running as nobody" in log.read_text(), what="privilege drop")
+        wait_for(sock.exists, what="the unix socket")
+        assert _status(p.pid, "Uid")[:2] == ["65534", "65534"]
+        assert _status(p.pid, "Gid")[0] == str(__import__("grp").getgrnam("nogroup").gr_gid)
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o700)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))  # root may still connect; the MTA's group would need 007
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.timeout(60)
+def test_running_as_root_without_userid_warns(daemon) -> None:  # type: ignore[no-untyped-def]
+    p, _port, _conf, log = daemon
+    if os.geteuid() == 0:
+        wait_for(lambda: "running as root" in log.read_text(), what="root warning")
+    else:
+        assert "running as root" not in log.read_text()
