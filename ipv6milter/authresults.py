@@ -19,11 +19,17 @@ FIELD = "Authentication-Results"
 
 _ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9._-]{1,253}$")
 _DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
+_HELO = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
 
 
-def _printable(text: str) -> str:
-    """Printable ASCII only; authres quotes what is not a token."""
-    return re.sub(r"[^\x20-\x7e]", "?", text)[:255]
+def _helo_value(helo: str) -> str | None:
+    """``smtp.helo``: a domain name or an address literal, else nothing.
+
+    authres leaves a value containing ``@`` unquoted (a ``;`` in it would end
+    the clause) and does not unescape quoted-pairs when parsing, so anything
+    beyond these characters could not be written faithfully.
+    """
+    return helo if _HELO.fullmatch(helo) else None
 
 
 def _mailfrom_value(identity: str) -> str | None:
@@ -32,10 +38,10 @@ def _mailfrom_value(identity: str) -> str | None:
     authres leaves any value containing ``@`` unquoted, so only a plain
     addr-spec may be written whole.
     """
-    if _ADDR_SPEC.match(identity):
+    if _ADDR_SPEC.fullmatch(identity):
         return identity
     domain = identity.rpartition("@")[2]
-    return domain if _DOMAIN.match(domain) else None
+    return domain if _DOMAIN.fullmatch(domain) else None
 
 
 def results_for(
@@ -56,7 +62,7 @@ def results_for(
         if spf.scope == "helo":
             out.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_helo=_printable(spf.identity) or None
+                    result=spf.result, smtp_helo=_helo_value(spf.identity)
                 )
             )
         else:

@@ -71,9 +71,11 @@ class _KeyWatch:
     def __init__(self, resolver: Resolver, budget: Budget):
         self._lookup = resolver.dkim_dnsfunc(budget)
         self.problem: str | None = None
+        self.asked = False
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
         self.problem = None
+        self.asked = True
         txt = self._lookup(name, timeout)
         if txt is None:
             self.problem = "no key record"
@@ -107,7 +109,9 @@ def check_dkim(
             results.append(describe(value, "temperror", f"key lookup: {e}"))
             continue
         except dkim.ValidationError as e:
-            results.append(describe(value, "fail", str(e)))
+            # Raised before the key lookup, it is the signature's own tags that
+            # are missing or malformed: RFC 6376 §6.1.1 PERMFAIL, not a mismatch.
+            results.append(describe(value, "fail" if watch.asked else "permerror", str(e)))
             continue
         except (
             dkim.DKIMException,

@@ -53,6 +53,7 @@ class FakeResolver(Resolver):
         for text in value:
             if rdtype in ("TXT", "SPF"):
                 text = _txt(text)
-            out.append(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text))
+            rdt = dns.rdatatype.from_text(rdtype)
+            out.append(dns.rdata.from_text(dns.rdataclass.IN, rdt, text))
         budget.note(f"{n} {rdtype}: {len(out)} record(s)")
         return out

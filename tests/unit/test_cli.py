@@ -178,7 +178,7 @@ def test_userid_drops_privileges_after_binding_and_umask_applies(tmp_path: Path)
 
 @pytest.mark.timeout(60)
 def test_running_as_root_without_userid_warns(daemon) -> None:  # type: ignore[no-untyped-def]
-    p, _port, _conf, log = daemon
+    _p, _port, _conf, log = daemon
     if os.geteuid() == 0:
         wait_for(lambda: "running as root" in log.read_text(), what="root warning")
     else:

@@ -53,7 +53,8 @@ def resolver() -> FakeResolver:
     return zone()
 
 
-def ctx_for(c: config.Config, resolver: FakeResolver, opts: list[int] | None = None) -> RecordingCtx:
+def ctx_for(c: config.Config, resolver: FakeResolver,
+            opts: list[int] | None = None) -> RecordingCtx:
     engine = Engine(c, resolver, workers=2)
     return RecordingCtx(partial(Ipv6Milter, engine), opts)
 
@@ -366,7 +367,7 @@ def test_decision_log_line(resolver: FakeResolver, caplog: pytest.LogCaptureFixt
     ctx.macro("i", "4ABCDEF")
     with caplog.at_level(logging.INFO, logger="ipv6milter"):
         ctx.transaction("x@fail.example", ["b@example.org"], message())
-    line = [r.getMessage() for r in caplog.records if "stage=eom" in r.getMessage()][0]
+    line = next(r.getMessage() for r in caplog.records if "stage=eom" in r.getMessage())
     for part in ("client=2001:db8::25", "qid=4ABCDEF", "iprev=pass", "spf=fail", "dkim=-",
                  'reply="450 4.7.26"', "mode=enforce", "helo=mail.example.com"):
         assert part in line, line
