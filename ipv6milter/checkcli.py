@@ -16,6 +16,7 @@ from . import authresults, config, policy
 from .config import ConfigError
 from .engine import Engine
 from .model import ACCEPT, DkimResult, Verdict
+from .resolver import Resolver
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,13 +59,14 @@ def _read_message(name: str | None) -> bytes | None:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def run(args: argparse.Namespace, out: TextIO) -> int:
+def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None) -> int:
+    """Judge the message of ``args``; ``resolver`` replaces the configured one (tests)."""
     cfg = config.load(args.config, default_if_missing=args.config is None)
     addr = policy.parse_address(args.ip)
     if addr is None:
         raise ValueError(f"--ip: not an IP address: {args.ip!r}")
     message = _read_message(args.message)
-    engine = Engine(cfg, workers=1)
+    engine = Engine(cfg, resolver, workers=1)
     trace: list[str] | None = [] if args.explain else None
 
     def explain(line: str) -> None:
