@@ -1,15 +1,24 @@
 """``ipv6milter``: run the milter in the foreground, or check a configuration.
 
-The only module that starts libmilter.  Signals: while libmilter's main loop
-runs in C, Python signal handlers never get to run, so SIGHUP, SIGTERM and
-SIGINT are blocked in every thread (before any thread starts) and one thread
-waits for them with ``sigwait``.
+The only module that starts libmilter.
+
+Signals.  libmilter starts a thread of its own that ``sigwait``s for SIGHUP,
+SIGTERM and SIGINT and *stops the milter* on any of them, SIGHUP included.
+A kill(2) aimed at the process goes to the main thread whenever the main
+thread does not block the signal (Linux looks there first), so libmilter's
+main loop runs in a second thread, every thread but the main one blocks the
+three signals, and the main thread stays in Python where its handlers run:
+SIGHUP reloads, SIGTERM/SIGINT ask libmilter to stop.  While a handler runs
+the kernel would block its signal in the main thread and hand the next one to
+libmilter's thread, so the handlers are installed with SA_NODEFER.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import grp
 import logging
 import logging.handlers
@@ -82,6 +91,37 @@ def check_config(path: str | None) -> int:
     return 0
 
 
+class _Sigaction(ctypes.Structure):
+    # glibc's struct sigaction on Linux (x86_64, aarch64): handler, 1024-bit
+    # mask, flags, restorer.
+    _fields_ = (
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    )
+
+
+_SA_NODEFER = 0x40000000
+
+
+def _no_defer(sig: int) -> bool:
+    """Add SA_NODEFER to the handler Python installed for ``sig``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        action = _Sigaction()
+        if libc.sigaction(sig, None, ctypes.byref(action)) != 0:
+            return False
+        action.sa_flags |= _SA_NODEFER
+        return libc.sigaction(sig, ctypes.byref(action), None) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _drop_privileges(user_id: str) -> None:
     user, _, group = user_id.partition(":")
     pw = pwd.getpwnam(user)
@@ -98,6 +138,7 @@ class Daemon:
     def __init__(self, path: str | None, cfg: Config):
         self.path = path
         self.engine = Engine(cfg)
+        self.failure: str | None = None
 
     def reload(self) -> None:
         old = self.engine.cfg
@@ -106,6 +147,7 @@ class Daemon:
         except ConfigError as e:
             for line in e.errors:
                 log.error("reload failed, keeping the running configuration: %s", line)
+            self.engine.metrics.reloads.labels("failed").inc()
             return
         restart_only = [
             k.name
@@ -117,19 +159,29 @@ class Daemon:
             log.warning("reload: %s change(s) need a restart to apply", ", ".join(restart_only))
         setup_logging(new)
         self.engine.reload(new)
+        self.engine.metrics.reloads.labels("ok").inc()
         log.info("configuration reloaded from %s", new.source or "built-in defaults")
 
-    def _signals(self) -> None:
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload()
+            return
         import milter
 
-        while True:
-            sig = signal.sigwait(_SIGNALS)
-            if sig == signal.SIGHUP:
-                self.reload()
-                continue
-            log.info("%s received, stopping", signal.Signals(sig).name)
-            milter.stop()
-            return
+        log.info("%s received, stopping", signal.Signals(signum).name)
+        milter.stop()
+
+    def _main_loop(self) -> None:
+        import milter
+
+        # Blocked in this thread before libmilter starts any: its signal thread,
+        # connection threads and our DNS pool all inherit the mask, so only
+        # the main thread (and threads started from it) ever take a signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            milter.main()
+        except milter.error as e:
+            self.failure = str(e)
 
     def run(self) -> int:
         import Milter
@@ -138,6 +190,13 @@ class Daemon:
         from .milter import Ipv6Milter
 
         cfg = self.engine.cfg
+        # Handlers first: a SIGHUP must never find the default action (exit)
+        # once the socket is open.
+        for sig in _SIGNALS:
+            signal.signal(sig, self._on_signal)
+            if not _no_defer(sig):
+                log.warning("could not set SA_NODEFER for %s: a burst of them may stop the "
+                            "milter", signal.Signals(sig).name)
         Milter.factory = partial(Ipv6Milter, self.engine)
         # A bug that escapes our own guard defers the message, never accepts it.
         Milter.set_exception_policy(Milter.TEMPFAIL)
@@ -163,7 +222,16 @@ class Daemon:
                 return 1
         elif os.geteuid() == 0:
             log.warning("running as root: set UserID, or start as an unprivileged user")
-        threading.Thread(target=self._signals, name="signals", daemon=True).start()
+        if cfg.metrics_listen:
+            host, port = cfg.metrics_listen
+            try:
+                self.engine.metrics.serve(host, port)
+            except OSError as e:
+                log.error("cannot serve metrics on %s port %d: %s", host, port, e)
+                return 1
+            log.info("metrics on http://%s/metrics", _hostport(host, port))
+        loop = threading.Thread(target=self._main_loop, name="libmilter")
+        loop.start()
         log.info(
             "ipv6milter %s listening on %s (mode %s, AcceptDomains %s)",
             __version__,
@@ -172,15 +240,16 @@ class Daemon:
             cfg.accept_domains,
         )
         try:
-            milter.main()
-        except milter.error as e:
-            log.error("milter main loop failed: %s", e)
-            return 1
+            while loop.is_alive():
+                loop.join()  # interrupted by each signal; its handler runs here
         finally:
             self.engine.shutdown()
             if cfg.pid_file:
                 with contextlib.suppress(OSError):
                     os.unlink(cfg.pid_file)
+        if self.failure:
+            log.error("milter main loop failed: %s", self.failure)
+            return 1
         log.info("stopped")
         return 0
 
@@ -218,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return 1
     setup_logging(cfg)
-    # Before any thread exists, so that every thread inherits the mask and
-    # only the signal thread ever receives these.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     return Daemon(args.config, cfg).run()
 
 

@@ -18,6 +18,7 @@ from typing import TypeVar
 from .config import Config
 from .dkimcheck import check_dkim
 from .iprev import check_iprev
+from .metrics import Metrics
 from .model import DkimResult, IPAddress, Iprev, IprevResult, SpfResult
 from .resolver import Budget, Resolver
 from .spfcheck import check_spf
@@ -32,11 +33,17 @@ _WAIT_GRACE = 2.0
 
 
 class Engine:
-    def __init__(self, cfg: Config, resolver: Resolver | None = None, workers: int = 32):
+    def __init__(self, cfg: Config, resolver: Resolver | None = None, workers: int = 32,
+                 metrics: Metrics | None = None):
         self._lock = threading.Lock()
+        self.metrics = metrics or Metrics()
         self._cfg = cfg
-        self._resolver = resolver or Resolver(cfg.nameservers, cfg.dns_timeout)
+        self._resolver = resolver or self._new_resolver(cfg)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
+        self.metrics.loaded(cfg)
+
+    def _new_resolver(self, cfg: Config) -> Resolver:
+        return Resolver(cfg.nameservers, cfg.dns_timeout, on_cache=self.metrics.cache)
 
     @property
     def cfg(self) -> Config:
@@ -50,8 +57,9 @@ class Engine:
         """Swap in a new configuration; checks already started keep the old one."""
         with self._lock:
             if (cfg.nameservers, cfg.dns_timeout) != (self._cfg.nameservers, self._cfg.dns_timeout):
-                self._resolver = Resolver(cfg.nameservers, cfg.dns_timeout)
+                self._resolver = self._new_resolver(cfg)
             self._cfg = cfg
+        self.metrics.loaded(cfg)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

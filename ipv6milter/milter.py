@@ -11,13 +11,14 @@ import functools
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import Milter
 
-from . import authresults, policy
+from . import authresults, policy, spfcheck
 from .dkimcheck import unverified
 from .engine import IPREV_UNFINISHED, Engine
 from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
@@ -38,6 +39,8 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(self, *args)
         except Exception:
             log.exception("internal error in %s callback, client=%s", fn.__name__, self.client)
+            stage = {"envrcpt": "rcpt", "envfrom": "mail"}.get(fn.__name__, fn.__name__)
+            self.engine.metrics.decisions.labels(stage, "internal-error", self.cfg.mode).inc()
             reply = policy.INTERNAL_ERROR
             try:
                 self.setreply(reply.code, reply.xcode, reply.text)
@@ -65,6 +68,7 @@ class Ipv6Milter(Milter.Base):
         self.helo = ""
         self.j: str | None = None
         self.iprev_fut: Future[IprevResult] | None = None
+        self.connected = False
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -102,6 +106,9 @@ class Ipv6Milter(Milter.Base):
         self.client = str(self.addr) if self.addr else "local"
         self.j = self.getsymval("j")
         self.conn_scope = policy.classify(self.cfg, self.addr)
+        if not self.connected:
+            self.connected = True
+            self.engine.metrics.in_flight.inc()
         self.iprev_fut = None
         self._reset_message()
         self._start_iprev()
@@ -119,6 +126,7 @@ class Ipv6Milter(Milter.Base):
         self.mail_from = mail_from
         authenticated = bool(self.getsymval("{auth_authen}"))
         self.scope = policy.classify(self.cfg, self.addr, authenticated)
+        self.engine.metrics.transactions.labels(self.scope.value).inc()
         if self._checks_wanted():
             assert self.addr is not None
             self._start_iprev()
@@ -134,9 +142,12 @@ class Ipv6Milter(Milter.Base):
         assert self.addr is not None
         domain = policy.recipient_domain(rcpt)
         opted_in = bool(domain) and self.cfg.accept_domains.matches(domain)
+        start = time.monotonic()
         iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED) if opted_in else None
         verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev)
-        self._log("rcpt", verdict, rcpt=rcpt, iprev=iprev.result if iprev else None)
+        self.engine.metrics.decision("rcpt", verdict, self.cfg.mode)
+        self._log("rcpt", verdict, start, rcpt_domain=domain,
+                  iprev=iprev.result if iprev else None)
         if verdict.refuses:
             return self._refuse(verdict.reply)
         if opted_in:
@@ -172,6 +183,8 @@ class Ipv6Milter(Milter.Base):
     @_guarded
     def eom(self) -> int:
         cfg = self.cfg
+        metrics = self.engine.metrics
+        start = time.monotonic()
         authserv_id = cfg.default_authserv_id(self.j or self.getsymval("j"))
         stamp = self._checks_wanted()
         iprev = spf = None
@@ -179,18 +192,21 @@ class Ipv6Milter(Milter.Base):
         verdict = ACCEPT
         if stamp:
             assert self.addr is not None
-            iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED)
-            spf = self.engine.wait(self.spf_fut, SPF_UNFINISHED)
-            dkim = self._dkim()
+            with metrics.timed("message"):
+                iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED)
+                spf = self.engine.wait(self.spf_fut, SPF_UNFINISHED)
+                dkim = self._dkim()
+            metrics.results.labels("iprev", iprev.result.value).inc()
+            metrics.results.labels("spf", spf.result).inc()
+            for r in dkim or (DkimResult("none"),):
+                metrics.results.labels("dkim", r.result).inc()
             if self.scope.in_scope and self.opted_in:
                 verdict = policy.decide_eom(cfg, self.addr, spf, dkim)
-        self._log(
-            "eom",
-            verdict,
-            iprev=iprev.result if iprev else None,
-            spf=spf.result if spf else None,
-            dkim=",".join(r.result for r in dkim) if stamp else None,
-        )
+                metrics.decision("eom", verdict, cfg.mode)
+        dkim_log = (",".join(r.result for r in dkim) or "none") if stamp else None
+        self._log("eom", verdict, start, rcpt_domain=self._rcpt_domains(),
+                  iprev=iprev.result if iprev else None,
+                  spf=spf.result if spf else None, dkim=dkim_log)
         if verdict.refuses:
             return self._refuse(verdict.reply)
         if self.scope is not Scope.TRUSTED:
@@ -223,6 +239,12 @@ class Ipv6Milter(Milter.Base):
         return Milter.CONTINUE
 
     def close(self) -> int:
+        if self.connected:
+            self.connected = False
+            self.engine.metrics.in_flight.dec()
+            # Counted at the end, by the last scope: after XCLIENT the first
+            # connect event was only the proxy.
+            self.engine.metrics.connections.labels(self.conn_scope.value).inc()
         return Milter.CONTINUE
 
     # -- replies and the decision log ----------------------------------------
@@ -232,15 +254,20 @@ class Ipv6Milter(Milter.Base):
         self.setreply(reply.code, reply.xcode, reply.text)
         return Milter.REJECT if reply.code.startswith("5") else Milter.TEMPFAIL
 
-    def _log(self, stage: str, verdict: Verdict, **facts: object) -> None:
+    def _rcpt_domains(self) -> str:
+        domains = dict.fromkeys(policy.recipient_domain(r) or "-" for r in self.rcpts)
+        return ",".join(domains)
+
+    def _log(self, stage: str, verdict: Verdict, start: float, **facts: object) -> None:
+        """The decision log: one ``key=value`` line per decision (docs/admin-guide.md)."""
+        sender = spfcheck.envelope_address(self.mail_from or "")
         fields = {
             "stage": stage,
+            "qid": self.getsymval("i"),
             "client": self.client,
             "scope": self.scope.value,
-            "qid": self.getsymval("i"),
             "helo": self.helo,
-            "from": self.mail_from,
-            "rcpt": facts.pop("rcpt", None) or ",".join(self.rcpts),
+            "from_domain": sender.rpartition("@")[2] if sender else "<>",
             **facts,
         }
         if verdict.reply is None:
@@ -251,4 +278,5 @@ class Ipv6Milter(Milter.Base):
             fields["reply"] = "accept"
             fields["would_reply"] = verdict.summary
         fields["mode"] = self.cfg.mode
+        fields["elapsed_ms"] = round((time.monotonic() - start) * 1000)
         log.info("decision %s", " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))

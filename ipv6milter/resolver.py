@@ -79,6 +79,7 @@ class Resolver:
         nameservers: tuple[tuple[str, int], ...] = (),
         timeout: float = 5.0,
         cache_size: int = 20000,
+        on_cache: Callable[[bool], None] | None = None,
     ):
         self.timeout = timeout
         if nameservers:
@@ -88,7 +89,8 @@ class Resolver:
             r = dns.resolver.Resolver()
         r.timeout = timeout
         r.lifetime = timeout
-        r.cache = dns.resolver.LRUCache(cache_size)
+        r.cache = _CountingCache(cache_size, on_cache) if on_cache else dns.resolver.LRUCache(
+            cache_size)
         self._r = r
 
     # -- the one query primitive ------------------------------------------
@@ -178,6 +180,19 @@ class Resolver:
             yield
         finally:
             _local.ctx = previous
+
+
+class _CountingCache(dns.resolver.LRUCache):
+    """dnspython's TTL-respecting LRU cache, reporting each hit or miss."""
+
+    def __init__(self, size: int, on_lookup: Callable[[bool], None]):
+        super().__init__(size)
+        self._on_lookup = on_lookup
+
+    def get(self, key: Any) -> Any:
+        value = super().get(key)
+        self._on_lookup(value is not None)
+        return value
 
 
 def _set_nameservers(r: dns.resolver.Resolver, servers: tuple[tuple[str, int], ...]) -> None:

@@ -368,6 +368,7 @@ def test_decision_log_line(resolver: FakeResolver, caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="ipv6milter"):
         ctx.transaction("x@fail.example", ["b@example.org"], message())
     line = next(r.getMessage() for r in caplog.records if "stage=eom" in r.getMessage())
-    for part in ("client=2001:db8::25", "qid=4ABCDEF", "iprev=pass", "spf=fail", "dkim=-",
-                 'reply="450 4.7.26"', "mode=enforce", "helo=mail.example.com"):
+    for part in ("client=2001:db8::25", "qid=4ABCDEF", "iprev=pass", "spf=fail", "dkim=none",
+                 'reply="450 4.7.26"', "mode=enforce", "helo=mail.example.com",
+                 "from_domain=fail.example", "rcpt_domain=example.org", "elapsed_ms="):
         assert part in line, line
