@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-n", "--check-config", action="store_true", help="check the configuration and exit"
     )
+    p.add_argument("--self-test", action="store_true",
+                   help="check the resolvers, the socket and AuthservID, then exit")
     p.add_argument("--version", action="version", version=f"ipv6milter {__version__}")
     return p
 
@@ -280,6 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.check_config:
         return check_config(args.config)
+    if args.self_test:
+        from .selftest import self_test
+
+        try:
+            cfg = load(args.config)
+        except ConfigError as e:
+            for line in e.errors:
+                print(line, file=sys.stderr)
+            return 1
+        return self_test(cfg, sys.stdout)
     try:
         cfg = load(args.config)
     except ConfigError as e:

@@ -70,15 +70,20 @@ class Engine:
     # -- the checks, synchronous -----------------------------------------------------
 
     def iprev(self, addr: IPAddress, trace: list[str] | None = None) -> IprevResult:
-        return check_iprev(self._resolver, addr, self.budget(trace))
+        with self.metrics.timed("ptr"):
+            return check_iprev(self._resolver, addr, self.budget(trace))
 
     def spf(
         self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None
     ) -> SpfResult:
-        return check_spf(self._resolver, addr, mail_from, helo, self.budget(trace))
+        with self.metrics.timed("spf"):
+            return check_spf(self._resolver, addr, mail_from, helo, self.budget(trace))
 
     def dkim(self, message: bytes, trace: list[str] | None = None) -> tuple[DkimResult, ...]:
-        return check_dkim(self._resolver, message, self.budget(trace), self._cfg.max_signatures)
+        with self.metrics.timed("dkim"):
+            return check_dkim(
+                self._resolver, message, self.budget(trace), self._cfg.max_signatures
+            )
 
     # -- started early, awaited later ---------------------------------------------------
 

@@ -150,7 +150,9 @@ class Ipv6Milter(Milter.Base):
                   iprev=iprev.result if iprev else None)
         if verdict.refuses:
             return self._refuse(verdict.reply)
-        if opted_in:
+        if opted_in and verdict.reply is None:
+            # Only a recipient enforce mode would take brings the message to
+            # the end-of-message decision (in monitor mode too).
             self.opted_in += 1
         return Milter.CONTINUE
 

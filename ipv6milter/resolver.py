@@ -28,7 +28,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
+import dns.query
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -193,6 +197,34 @@ class _CountingCache(dns.resolver.LRUCache):
         value = super().get(key)
         self._on_lookup(value is not None)
         return value
+
+
+def probe_nameservers(
+    nameservers: tuple[tuple[str, int], ...], timeout: float
+) -> list[tuple[str, bool, str]]:
+    """Ask each resolver for the root SOA: (server, answered, detail).
+
+    Any DNS response counts as an answer (an authoritative-only server says
+    REFUSED, and that is still a server that answers); a timeout or an
+    unreachable port does not.  Empty ``nameservers``: resolv.conf's.
+    """
+    if not nameservers:
+        nameservers = tuple((ns, 53) for ns in dns.resolver.Resolver().nameservers
+                            if isinstance(ns, str))
+    out = []
+    for host, port in nameservers:
+        label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        query = dns.message.make_query(".", "SOA", flags=dns.flags.RD)
+        start = time.monotonic()
+        try:
+            response = dns.query.udp(query, host, port=port, timeout=timeout)
+        except (dns.exception.DNSException, OSError) as e:
+            out.append((label, False, f"no answer ({type(e).__name__}: {e})"))
+            continue
+        ms = (time.monotonic() - start) * 1000
+        out.append((label, True, f"answered {dns.rcode.to_text(response.rcode())} "
+                    f"in {ms:.0f} ms"))
+    return out
 
 
 def _set_nameservers(r: dns.resolver.Resolver, servers: tuple[tuple[str, int], ...]) -> None:

@@ -208,7 +208,15 @@ def test_monitor_mode_never_refuses_and_logs_the_would_be_reply(
     text = caplog.text
     assert 'would_reply="550 5.2.1"' in text
     assert 'would_reply="450 4.7.25"' in text
-    assert 'would_reply="450 4.7.26"' in text
+    # Enforce mode would have taken no recipient: no end-of-message verdict.
+    assert "4.7.26" not in text
+
+    ctx.connect(GOOD)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        out = ctx.transaction("x@fail.example", ["b@example.org"], message())
+    assert out["eom"] == Milter.CONTINUE
+    assert 'stage=eom' in caplog.text and 'would_reply="450 4.7.26"' in caplog.text
 
 
 # -- out of scope -----------------------------------------------------------------------
