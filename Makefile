@@ -11,7 +11,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: building pymilter needs libmilter and the Python headers;
 # the integration tests run a real Postfix and a real authoritative DNS server (Knot).
 APT_RUN  := python3 python3-venv python3-dev gcc libmilter-dev
-APT_TEST := $(APT_RUN) postfix knot iproute2 openssl
+APT_TEST := $(APT_RUN) postfix knot iproute2 openssl prometheus
 
 .PHONY: run test lint unit integration deps-run deps-test clean
 

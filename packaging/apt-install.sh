@@ -10,5 +10,14 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 echo "installing Debian packages: ${missing[*]}"
 echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+# Services that come with a package (postfix, knot, prometheus) must not start
+# on the machine: the tests run private instances of their own.  policy-rc.d
+# tells Debian's maintainer scripts so, for this install only.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  trap '$SUDO rm -f "$policy"' EXIT
+fi
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
