@@ -82,6 +82,7 @@ class Ipv6Milter(Milter.Base):
         self.chunks: list[bytes] = []
         self.size = 0
         self.too_big = False
+        self.failed = False  # a callback without a reply failed: tempfail at eom
 
     # -- facts ---------------------------------------------------------------
 
@@ -156,13 +157,19 @@ class Ipv6Milter(Milter.Base):
             self.opted_in += 1
         return Milter.CONTINUE
 
+    @Milter.noreply
     @Milter.decode("bytes")
-    @_guarded
     def header(self, name: str, value: bytes) -> int:
-        self.headers.append((name, value))
-        if name.lower() == "authentication-results":
-            self.ar_values.append(value.decode("utf-8", "replace"))
-        self._count(len(name) + len(value) + 4)
+        # No reply: the MTA need not wait for one per header field.  A failure
+        # here is remembered and answered at end of message.
+        try:
+            self.headers.append((name, value))
+            if name.lower() == "authentication-results":
+                self.ar_values.append(value.decode("utf-8", "replace"))
+            self._count(len(name) + len(value) + 4)
+        except Exception:
+            log.exception("internal error in header callback, client=%s", self.client)
+            self.failed = True
         return Milter.CONTINUE
 
     @_guarded
@@ -186,6 +193,9 @@ class Ipv6Milter(Milter.Base):
     def eom(self) -> int:
         cfg = self.cfg
         metrics = self.engine.metrics
+        if self.failed:
+            metrics.decisions.labels("eom", "internal-error", cfg.mode).inc()
+            return self._refuse(policy.INTERNAL_ERROR)
         start = time.monotonic()
         authserv_id = cfg.default_authserv_id(self.j or self.getsymval("j"))
         stamp = self._checks_wanted()

@@ -93,7 +93,7 @@ class RecordingCtx(TestCtx):
             self.headers.append((name.decode(), value))
             self._stage = Milter.M_EOH
             rc = self._priv.header_bytes(name.decode(), value)
-            if rc != Milter.CONTINUE:
+            if rc not in (Milter.CONTINUE, Milter.NOREPLY):
                 out["eom"] = rc
                 return out
         for i in range(0, len(body), chunk):

@@ -380,3 +380,29 @@ def test_decision_log_line(resolver: FakeResolver, caplog: pytest.LogCaptureFixt
                  'reply="450 4.7.26"', "mode=enforce", "helo=mail.example.com",
                  "from_domain=fail.example", "rcpt_domain=example.org", "elapsed_ms="):
         assert part in line, line
+
+
+def test_header_callback_needs_no_reply_and_a_failure_there_tempfails_at_eom(
+        resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    assert ctx._protocol & Milter.P_NR_HDR  # negotiated: the MTA does not wait
+    m = ctx._priv
+    real = m._count
+    calls = []
+
+    def broken(n: int) -> None:  # the first header field fails, nothing else
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        real(n)
+
+    monkeypatch.setattr(m, "_count", broken)
+    with caplog.at_level(logging.ERROR):
+        out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["eom"] == Milter.TEMPFAIL
+    assert out["eom_reply"][:2] == ("451", "4.3.0")
+    assert not [c for c in ctx.calls if c[0] == "add"]
+    monkeypatch.undo()
+    assert ctx.transaction("a@example.com", ["b@example.org"], message())["eom"] == Milter.CONTINUE
