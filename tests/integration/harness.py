@@ -2,13 +2,17 @@
 Postfix and the milter, each started for real and stopped again.
 
 Everything listens on loopback only (127.0.0.1 and ::1); the 2001:db8::/32,
-3fff::/20 and 192.0.2.0/24 client addresses exist only as XCLIENT claims.
+3fff::/20 and 192.0.2.0/24 client addresses exist only as XCLIENT claims,
+except the lab's 2001:db8:6::/64 and 198.18.0.0/30 (or its next free slot,
+see LabAddresses): real clients in the network namespace of netlab.py, whose
+MTAs also listen on the lab link.
 Readiness is always polled for, never assumed after a fixed sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import pwd
 import shutil
@@ -132,6 +136,60 @@ NOPTR_IP = "2001:db8::dead"  # no PTR (NXDOMAIN inside Knot's reverse zone)
 REFUSED_IP = "3fff::25"  # reverse name outside Knot's zones: REFUSED, a temporary failure
 IPV4_IP = "192.0.2.10"
 
+
+# -- the lab network (netlab.py): real clients on a veth link -------------------------
+
+
+@dataclass(frozen=True)
+class LabAddresses:
+    """The addresses of one lab link, and what the test DNS says about each.
+
+    Slot 0 is 2001:db8:6::/64 and 198.18.0.0/30 (RFC 2544's benchmarking
+    range); a test session that finds a slot taken (another session's lab,
+    or this machine's own network) takes the next free one.
+    """
+
+    slot: int
+    link6: ipaddress.IPv6Network
+    link4: ipaddress.IPv4Network
+    host6: str  # the MTAs listen here, in the main namespace
+    host4: str
+    good: str  # PTR lab.example.com, which has AAAA back (FCrDNS); SPF pass
+    unconfirmed: str  # PTR lab.example.net, which has no AAAA; SPF pass
+    noptr: str  # no PTR
+    authenticated: str  # no PTR; the MTAs treat it as SASL-authenticated
+    trusted: str  # in the lab milter's TrustedHosts
+    ipv4: str
+
+    @classmethod
+    def for_slot(cls, slot: int) -> LabAddresses:
+        link6 = ipaddress.IPv6Network(f"2001:db8:6:{slot:x}::/64")
+        link4 = ipaddress.IPv4Network(f"198.18.0.{4 * slot}/30")
+
+        def v6(host: int) -> str:
+            return str(link6.network_address + host)
+
+        return cls(
+            slot=slot,
+            link6=link6,
+            link4=link4,
+            host6=v6(0x1),
+            host4=str(link4.network_address + 1),
+            good=v6(0x25),
+            unconfirmed=v6(0x26),
+            noptr=v6(0xDEAD),
+            authenticated=v6(0xA),
+            trusted=v6(0x7),
+            ipv4=str(link4.network_address + 2),
+        )
+
+    def ipv6_clients(self) -> list[str]:
+        return [self.good, self.unconfirmed, self.noptr, self.authenticated, self.trusted]
+
+
+LAB_SLOTS = 4
+LAB_SPF = "lab.example.com"  # the lab clients' sender domain and HELO name
+
 REVERSE_ZONE = "8.b.d.0.1.0.0.2.ip6.arpa"
 OPTED_IN = ("example.com", "example.net")
 NOT_OPTED_IN = "example.org"
@@ -161,6 +219,7 @@ class DnsWorld:
     selector: str = SELECTOR
     opted_in: tuple[str, ...] = OPTED_IN  # what the milters' AcceptDomains lists
     not_opted_in: str = NOT_OPTED_IN
+    port53: str | None = None  # a loopback address where Knot also answers on port 53
 
     @property
     def nameserver(self) -> str:
@@ -202,16 +261,23 @@ def build_zones() -> dict[str, list[str]]:
         name = dns.reversename.from_address(addr).to_text()
         return name.removesuffix(f".{REVERSE_ZONE}.")
 
+    labs = [LabAddresses.for_slot(k) for k in range(LAB_SLOTS)]
+    lab_spf = " ".join(f"ip6:{lab.good} ip6:{lab.unconfirmed}" for lab in labs)
+
     return {
         REVERSE_ZONE: [
             f"{ptr(GOOD_IP)} PTR mail.example.com.",
             f"{ptr(UNCONFIRMED_IP)} PTR mail.example.net.",
+            *(f"{ptr(lab.good)} PTR {LAB_SPF}." for lab in labs),
+            *(f"{ptr(lab.unconfirmed)} PTR lab.example.net." for lab in labs),
         ],
         "example.com": [
             f"@ TXT {_txt(f'v=spf1 ip6:{GOOD_IP} -all')}",
             f"mail AAAA {GOOD_IP}",
             f"mail TXT {_txt(f'v=spf1 ip6:{GOOD_IP} -all')}",  # the HELO identity
             f"{SELECTOR}._domainkey TXT {key_record('example.com')}",
+            *(f"lab AAAA {lab.good}" for lab in labs),
+            f"lab TXT {_txt(f'v=spf1 {lab_spf} -all')}",
         ],
         # SPF through an include; mail.example.net deliberately has no AAAA.
         "example.net": [f"@ TXT {_txt('v=spf1 include:_spf.example.org -all')}"],
@@ -236,8 +302,8 @@ def _zone_file(origin: str, records: list[str]) -> str:
     return "\n".join(head + records) + "\n"
 
 
-def _zone_ready(port: int, zone: str) -> bool:
-    for host in LOOPBACKS:
+def _zone_ready(port: int, zone: str, hosts: tuple[str, ...] = LOOPBACKS) -> bool:
+    for host in hosts:
         q = dns.message.make_query(zone, "SOA")
         try:
             r = dns.query.udp(q, host, port=port, timeout=0.5)
@@ -248,11 +314,31 @@ def _zone_ready(port: int, zone: str) -> bool:
     return True
 
 
+def port53_address(
+    candidates: tuple[str, ...] = ("127.0.53.1", "127.0.53.2", "127.0.53.3"),
+) -> str | None:
+    """A loopback address whose port 53 is free (TCP and UDP), for resolvers
+    that can only speak to port 53 (glibc, so Sendmail); None if none is."""
+    for host in candidates:
+        free = True
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                try:
+                    s.bind((host, 53))
+                except OSError:
+                    free = False
+        if free:
+            return host
+    return None
+
+
 @contextlib.contextmanager
-def run_knot(workdir: Path) -> Iterator[DnsWorld]:
+def run_knot(workdir: Path, port53: str | None = None) -> Iterator[DnsWorld]:
+    """Knot on 127.0.0.1 and ::1 on a free port; also on ``port53``:53 if given."""
     keys = {d: make_key(1024, d)[0] for d in SIGNING_DOMAINS}
     zones = build_zones()
     port = free_port()
+    listen = [f"127.0.0.1@{port}", f"::1@{port}"] + ([f"{port53}@53"] if port53 else [])
     zonedir = workdir / "zones"
     zonedir.mkdir(parents=True)
     zone_conf = []
@@ -263,7 +349,7 @@ def run_knot(workdir: Path) -> Iterator[DnsWorld]:
     conf.write_text(
         f"server:\n"
         f"    rundir: {workdir}\n"
-        f"    listen: [ 127.0.0.1@{port}, ::1@{port} ]\n"
+        f"    listen: [ {', '.join(listen)} ]\n"
         f"database:\n"
         f"    storage: {workdir}/db\n"
         f"control:\n"
@@ -287,10 +373,13 @@ def run_knot(workdir: Path) -> Iterator[DnsWorld]:
     try:
         wait_until(
             "knotd",
-            lambda: all(_zone_ready(port, z) for z in zones),
+            lambda: (
+                all(_zone_ready(port, z) for z in zones)
+                and (port53 is None or _zone_ready(53, REVERSE_ZONE, (port53,)))
+            ),
             alive=_process_gone(proc, log),
         )
-        yield DnsWorld(port=port, zones=zones, keys=keys, log=log)
+        yield DnsWorld(port=port, zones=zones, keys=keys, log=log, port53=port53)
     finally:
         _stop_process(proc)
 
@@ -614,11 +703,22 @@ def _smtp_greets(port: int) -> bool:
 
 @contextlib.contextmanager
 def run_postfix(
-    keep_dir: Path, relay_port: int, milters: dict[str, str]
+    keep_dir: Path,
+    relay_port: int,
+    milters: dict[str, str],
+    *,
+    interfaces: tuple[str, ...] = ("127.0.0.1", "[::1]"),
+    networks: tuple[str, ...] = (),
+    xclient_hosts: tuple[str, ...] = (),
 ) -> Iterator[PostfixInstance]:
     """A Postfix of its own (config, queue and data directories of its own),
     relaying everything to the sink.  The system instance and /etc/postfix
     are not touched.
+
+    ``interfaces`` are where every smtpd service listens (loopback first:
+    readiness is checked there); ``networks`` are relayed for besides
+    loopback and the XCLIENT test ranges; ``xclient_hosts`` may use
+    XCLIENT besides loopback.
 
     The instance lives in a directory of its own under /tmp, not under
     pytest's: Postfix opens data_directory files as its mail_owner, so the
@@ -660,12 +760,14 @@ def run_postfix(
                     "alias_maps =",
                     "alias_database =",
                     "inet_protocols = all",
-                    "inet_interfaces = 127.0.0.1, [::1]",
+                    f"inet_interfaces = {', '.join(interfaces)}",
                     # The XCLIENT client addresses are "ours": relay for them.
-                    "mynetworks = 127.0.0.0/8 [::1]/128 [2001:db8::]/32 [3fff::]/20 192.0.2.0/24",
+                    "mynetworks = 127.0.0.0/8 [::1]/128 [2001:db8::]/32 [3fff::]/20 192.0.2.0/24"
+                    + "".join(f" {n}" for n in networks),
                     "smtpd_relay_restrictions = permit_mynetworks, reject",
                     "smtpd_recipient_restrictions =",
-                    "smtpd_authorized_xclient_hosts = 127.0.0.0/8 [::1]/128",
+                    "smtpd_authorized_xclient_hosts = 127.0.0.0/8 [::1]/128"
+                    + "".join(f" {h}" for h in xclient_hosts),
                     "smtpd_peername_lookup = no",
                     "smtpd_error_sleep_time = 0",
                     "smtpd_soft_error_limit = 1000",

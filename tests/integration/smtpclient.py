@@ -4,19 +4,26 @@ sink received.
 
 Clients on 2001:db8::/32 etc. are claimed with Postfix's XCLIENT (only
 loopback is ever contacted); after XCLIENT Postfix greets anew and expects
-a new EHLO, and gives the milter a second connect event.
+a new EHLO, and gives the milter a second connect event.  Real IPv6 and
+IPv4 clients connect from the lab network namespace (``netlab=``, from the
+lab address ``source=``).
 """
 
 from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import authres
 import authres.core
+
+if TYPE_CHECKING:
+    from .netlab import NetLab
 
 SMTP_TIMEOUT = 30
 
@@ -58,8 +65,22 @@ def xtext(value: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
 
 
+class _LabSMTP(smtplib.SMTP):
+    """smtplib whose connection starts in the lab network namespace."""
+
+    def __init__(self, netlab: NetLab, *args: object, **kwargs: object):
+        self.netlab = netlab
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        source = self.source_address[0] if self.source_address else None
+        return self.netlab.connect(host, port, source=source, timeout=timeout)
+
+
 class Session:
-    """One SMTP connection to Postfix, optionally claiming another client."""
+    """One SMTP connection, optionally claiming another client (XCLIENT
+    ``addr``/``login``) or coming from the lab namespace (``netlab``, with
+    ``source`` as the client address)."""
 
     def __init__(
         self,
@@ -70,12 +91,22 @@ class Session:
         helo: str = "mail.example.com",
         login: str | None = None,
         host: str = "127.0.0.1",
+        netlab: NetLab | None = None,
+        source: str | None = None,
     ):
-        self.smtp = smtplib.SMTP(host, port, timeout=SMTP_TIMEOUT)
-        self.smtp.ehlo("client.test")
-        if addr is not None:
-            attrs = [f"ADDR={('IPV6:' + addr) if ':' in addr else addr}"]
-            attrs.append(f"NAME={xtext(name) if name else '[UNAVAILABLE]'}")
+        source_address = (source, 0) if source else None
+        if netlab is not None:
+            self.smtp: smtplib.SMTP = _LabSMTP(
+                netlab, host, port, helo, SMTP_TIMEOUT, source_address
+            )
+        else:
+            self.smtp = smtplib.SMTP(host, port, helo, SMTP_TIMEOUT, source_address)
+        if addr is not None or login is not None:
+            self.smtp.ehlo("client.test")
+            attrs = []
+            if addr is not None:
+                attrs.append(f"ADDR={('IPV6:' + addr) if ':' in addr else addr}")
+                attrs.append(f"NAME={xtext(name) if name else '[UNAVAILABLE]'}")
             if login is not None:
                 attrs.append(f"LOGIN={xtext(login)}")
             code, msg = self.smtp.docmd("XCLIENT", " ".join(attrs))
@@ -125,10 +156,58 @@ def transaction(
     helo: str = "mail.example.com",
     login: str | None = None,
     host: str = "127.0.0.1",
+    netlab: NetLab | None = None,
+    source: str | None = None,
 ) -> Outcome:
     """One transaction on its own connection; the replies at MAIL, RCPT and end of DATA."""
-    with Session(port, addr=addr, name=name, helo=helo, login=login, host=host) as s:
+    with Session(
+        port, addr=addr, name=name, helo=helo, login=login, host=host, netlab=netlab, source=source
+    ) as s:
         return s.send(mail_from, rcpts, message)
+
+
+# -- one MTA of the lab, as its clients see it ------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabMta:
+    """An MTA reached from the lab namespace (or loopback), and what its
+    clients see that differs between MTAs.
+
+    ``listeners``: name -> (address, port): ``v6`` (2001:db8:6::1), ``v4``
+    (198.18.0.1), ``mapped`` (the dual-stack listener reached over IPv4),
+    ``lo6`` (::1, trusted).  ``echoes_rcpt``: Sendmail puts ``<rcpt>... ``
+    before the text of a RCPT reply.  ``xclient_login``: Postfix emulates a
+    SASL login with ``XCLIENT LOGIN=`` (Sendmail's .mc sets {auth_authen}
+    for the lab's authenticated address instead).
+    """
+
+    name: str
+    netlab: NetLab
+    listeners: dict[str, tuple[str, int]]
+    echoes_rcpt: bool
+    xclient_login: bool
+
+    def session(
+        self, listener: str, source: str | None, *, helo: str, login: str | None = None
+    ) -> Session:
+        host, port = self.listeners[listener]
+        lab = None if host in ("127.0.0.1", "::1") else self.netlab
+        return Session(
+            port,
+            host=host,
+            helo=helo,
+            netlab=lab,
+            source=source if lab else None,
+            login=login if self.xclient_login else None,
+        )
+
+    def rcpt_reply(self, rcpt: str, reply: str) -> str:
+        """A RCPT reply as this MTA's client reads it, from the SPEC's text."""
+        if not self.echoes_rcpt or reply[:1] == "2":
+            return reply
+        code, xcode, text = reply.split(" ", 2)
+        return f"{code} {xcode} <{rcpt}>... {text}"
 
 
 # -- messages ------------------------------------------------------------------------
