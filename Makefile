@@ -114,3 +114,18 @@ man:
 	@for f in docs/man/*.[158]; do \
 	  out=$$(groff -ww -z -man "$$f" 2>&1; MANWIDTH=80 man --warnings -l "$$f" 2>&1 >/dev/null); \
 	  if [ -n "$$out" ]; then echo "$$f:"; echo "$$out"; exit 1; fi; echo "$$f: ok"; done
+
+# -- benchmark (not part of make test) -------------------------------------------
+#   make bench   ipv6milter beside OpenDKIM, dkimpy-milter and pyspf-milter through a
+#                private Postfix (bench/run.py; ~11 minutes, root); writes
+#                bench/results.md, bench/results.png; analysis in docs/performance.md
+APT_BENCH := postfix knot openssl util-linux opendkim dkimpy-milter pyspf-milter
+
+.PHONY: bench
+bench: deps-run $(VENV)/.test-installed $(VENV)/.bench-installed
+	@bash packaging/apt-install.sh $(APT_BENCH)
+	$(BIN)/python -m bench.run
+
+$(VENV)/.bench-installed: $(VENV)/bin/python
+	$(BIN)/pip install -q matplotlib py-spy
+	touch $@
