@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from . import dkimcanon
 from .config import Config
 from .dkimcheck import check_dkim
 from .iprev import check_iprev
@@ -33,7 +34,7 @@ _WAIT_GRACE = 2.0
 
 
 class Engine:
-    def __init__(self, cfg: Config, resolver: Resolver | None = None, workers: int = 32,
+    def __init__(self, cfg: Config, resolver: Resolver | None = None, workers: int = 16,
                  metrics: Metrics | None = None):
         self._lock = threading.Lock()
         self.metrics = metrics or Metrics()
@@ -41,6 +42,7 @@ class Engine:
         self._resolver = resolver or self._new_resolver(cfg)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
         self.metrics.loaded(cfg)
+        dkimcanon.install()
 
     def _new_resolver(self, cfg: Config) -> Resolver:
         return Resolver(cfg.nameservers, cfg.dns_timeout, on_cache=self.metrics.cache)

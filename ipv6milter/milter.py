@@ -51,6 +51,26 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _no_reply(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Negotiated without a reply, so the MTA does not wait for one.  A
+    failure is logged once, remembered, and answered by the next callback
+    that does reply (RCPT, end of message) with a tempfail."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Ipv6Milter, *args: Any) -> int:
+        try:
+            fn(self, *args)
+        except Exception:
+            log.exception("internal error in %s callback, client=%s", fn.__name__, self.client)
+            if fn.__name__ == "connect":
+                self.conn_failed = True
+            else:
+                self.failed = True
+        return Milter.CONTINUE
+
+    return Milter.noreply(wrapper)
+
+
 def _kv(value: object) -> str:
     """A log value: quoted when it holds spaces, stripped of control characters."""
     text = re.sub(r"[\x00-\x1f\x7f]", "?", str(value))[:200] if value not in (None, "") else "-"
@@ -69,6 +89,7 @@ class Ipv6Milter(Milter.Base):
         self.j: str | None = None
         self.iprev_fut: Future[IprevResult] | None = None
         self.connected = False
+        self.conn_failed = False  # connect failed: every transaction tempfails
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -95,10 +116,11 @@ class Ipv6Milter(Milter.Base):
             addr = policy.effective_address(self.addr)
             self.iprev_fut = self.engine.start(self.engine.iprev, addr)
 
-    @_guarded
-    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+    @_no_reply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> None:
         # Postfix calls connect a second time after XCLIENT, with the new
         # client: every connection fact is taken anew, the latest one wins.
+        self.conn_failed = False
         self.cfg = self.engine.cfg
         raw = hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr
         self.addr = (
@@ -113,15 +135,14 @@ class Ipv6Milter(Milter.Base):
         self.iprev_fut = None
         self._reset_message()
         self._start_iprev()
-        return Milter.CONTINUE
 
     @Milter.noreply
     def hello(self, hostname: str) -> int:
         self.helo = hostname
         return Milter.CONTINUE
 
-    @_guarded
-    def envfrom(self, mail_from: str, *params: str) -> int:
+    @_no_reply
+    def envfrom(self, mail_from: str, *params: str) -> None:
         self._reset_message()
         self.cfg = self.engine.cfg  # a reloaded configuration applies from here on
         self.mail_from = mail_from
@@ -133,10 +154,11 @@ class Ipv6Milter(Milter.Base):
             self._start_iprev()
             addr = policy.effective_address(self.addr)
             self.spf_fut = self.engine.start(self.engine.spf, addr, mail_from, self.helo)
-        return Milter.CONTINUE
 
     @_guarded
     def envrcpt(self, rcpt: str, *params: str) -> int:
+        if self.conn_failed or self.failed:
+            return self._internal_error("rcpt")
         self.rcpts.append(rcpt)
         if not self.scope.in_scope:
             return Milter.CONTINUE
@@ -147,8 +169,11 @@ class Ipv6Milter(Milter.Base):
         iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED) if opted_in else None
         verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev)
         self.engine.metrics.decision("rcpt", verdict, self.cfg.mode)
+        # An accepted recipient is logged at debug level only: the message's
+        # own line (stage=eom) records the accept with every recipient domain.
         self._log("rcpt", verdict, start, rcpt_domain=domain,
-                  iprev=iprev.result if iprev else None)
+                  iprev=iprev.result if iprev else None,
+                  level=logging.INFO if verdict.reply else logging.DEBUG)
         if verdict.refuses:
             return self._refuse(verdict.reply)
         if opted_in and verdict.reply is None:
@@ -157,20 +182,13 @@ class Ipv6Milter(Milter.Base):
             self.opted_in += 1
         return Milter.CONTINUE
 
-    @Milter.noreply
+    @_no_reply
     @Milter.decode("bytes")
-    def header(self, name: str, value: bytes) -> int:
-        # No reply: the MTA need not wait for one per header field.  A failure
-        # here is remembered and answered at end of message.
-        try:
-            self.headers.append((name, value))
-            if name.lower() == "authentication-results":
-                self.ar_values.append(value.decode("utf-8", "replace"))
-            self._count(len(name) + len(value) + 4)
-        except Exception:
-            log.exception("internal error in header callback, client=%s", self.client)
-            self.failed = True
-        return Milter.CONTINUE
+    def header(self, name: str, value: bytes) -> None:
+        self.headers.append((name, value))
+        if name.lower() == "authentication-results":
+            self.ar_values.append(value.decode("utf-8", "replace"))
+        self._count(len(name) + len(value) + 4)
 
     @_guarded
     def body(self, chunk: bytes) -> int:
@@ -193,9 +211,8 @@ class Ipv6Milter(Milter.Base):
     def eom(self) -> int:
         cfg = self.cfg
         metrics = self.engine.metrics
-        if self.failed:
-            metrics.decisions.labels("eom", "internal-error", cfg.mode).inc()
-            return self._refuse(policy.INTERNAL_ERROR)
+        if self.conn_failed or self.failed:
+            return self._internal_error("eom")
         start = time.monotonic()
         authserv_id = cfg.default_authserv_id(self.j or self.getsymval("j"))
         stamp = self._checks_wanted()
@@ -261,6 +278,10 @@ class Ipv6Milter(Milter.Base):
 
     # -- replies and the decision log ----------------------------------------
 
+    def _internal_error(self, stage: str) -> int:
+        self.engine.metrics.decisions.labels(stage, "internal-error", self.cfg.mode).inc()
+        return self._refuse(policy.INTERNAL_ERROR)
+
     def _refuse(self, reply: Reply | None) -> int:
         assert reply is not None
         self.setreply(reply.code, reply.xcode, reply.text)
@@ -270,8 +291,11 @@ class Ipv6Milter(Milter.Base):
         domains = dict.fromkeys(policy.recipient_domain(r) or "-" for r in self.rcpts)
         return ",".join(domains)
 
-    def _log(self, stage: str, verdict: Verdict, start: float, **facts: object) -> None:
-        """The decision log: one ``key=value`` line per decision (docs/admin-guide.md)."""
+    def _log(self, stage: str, verdict: Verdict, start: float, level: int = logging.INFO,
+             **facts: object) -> None:
+        """The decision log: one ``key=value`` line per decision (docs/operations.md)."""
+        if not log.isEnabledFor(level):
+            return
         sender = spfcheck.envelope_address(self.mail_from or "")
         fields = {
             "stage": stage,
@@ -291,4 +315,4 @@ class Ipv6Milter(Milter.Base):
             fields["would_reply"] = verdict.summary
         fields["mode"] = self.cfg.mode
         fields["elapsed_ms"] = round((time.monotonic() - start) * 1000)
-        log.info("decision %s", " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))
+        log.log(level, "decision %s", " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))

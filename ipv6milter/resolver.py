@@ -132,7 +132,8 @@ class Resolver:
             raise TempFail(f"{name} {rdtype}: {type(e).__name__}: {e}") from None
         rrset = answer.rrset
         items = list(rrset) if rrset is not None else []
-        budget.note(f"{name} {rdtype}: " + (", ".join(map(_to_text, items)) or "no data"))
+        if budget.trace is not None:  # only --explain wants the text
+            budget.note(f"{name} {rdtype}: " + (", ".join(map(_to_text, items)) or "no data"))
         return items
 
     # -- typed helpers ----------------------------------------------------

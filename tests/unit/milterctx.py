@@ -50,7 +50,7 @@ class RecordingCtx(TestCtx):
         self._stage = Milter.M_CONNECT
         rc = self._priv.connect(f"[{ip}]", family, hostaddr)
         self._stage = None
-        if rc != Milter.CONTINUE:
+        if rc not in (Milter.CONTINUE, Milter.NOREPLY):
             return rc
         return self._helo(helo)
 
@@ -72,8 +72,8 @@ class RecordingCtx(TestCtx):
         self.calls.clear()
         self._reply = None
         rc = self._envfrom(f"<{sender}>")
-        out["mail"] = rc
-        if rc != Milter.CONTINUE:
+        out["mail"] = Milter.CONTINUE if rc == Milter.NOREPLY else rc
+        if rc not in (Milter.CONTINUE, Milter.NOREPLY):
             return out
         accepted = 0
         for r in rcpts:

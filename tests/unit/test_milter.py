@@ -11,7 +11,7 @@ import dns.reversename
 import Milter
 import pytest
 
-from ipv6milter import authresults, config
+from ipv6milter import authresults, config, policy
 from ipv6milter.engine import Engine
 from ipv6milter.milter import Ipv6Milter
 from tests.dkimkeys import make_key
@@ -406,3 +406,46 @@ def test_header_callback_needs_no_reply_and_a_failure_there_tempfails_at_eom(
     assert not [c for c in ctx.calls if c[0] == "add"]
     monkeypatch.undo()
     assert ctx.transaction("a@example.com", ["b@example.org"], message())["eom"] == Milter.CONTINUE
+
+
+def test_connect_and_mail_from_need_no_reply_failures_tempfail_at_rcpt(
+        resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    c = cfg()
+    ctx = ctx_for(c, resolver)
+    ctx._negotiate()
+    assert ctx._protocol & Milter.P_NR_CONN and ctx._protocol & Milter.P_NR_MAIL
+    m = ctx._priv
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    # A failing MAIL FROM: that transaction's RCPT tempfails; the next is fine.
+    ctx.connect(GOOD)
+    monkeypatch.setattr(m.engine.metrics.transactions, "labels", broken)
+    with caplog.at_level(logging.ERROR):
+        out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["mail"] == Milter.CONTINUE
+    assert out["rcpt"] == [(Milter.TEMPFAIL, ("451", "4.3.0", policy.INTERNAL_ERROR.text))]
+    monkeypatch.undo()
+    assert ctx.transaction("a@example.com", ["b@example.org"], message())["eom"] == (
+        Milter.CONTINUE)
+
+    # A failing connect: every transaction of the connection tempfails.
+    monkeypatch.setattr(policy, "classify", broken)
+    ctx.connect(GOOD)
+    monkeypatch.undo()
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["rcpt"][0][1][:2] == ("451", "4.3.0")
+    assert caplog.text.count("Traceback") == 2
+
+
+def test_accepted_recipients_are_logged_at_debug_only(
+        resolver: FakeResolver, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        ctx.transaction("a@example.com", ["b@example.org", "x@contoso.com"], message())
+    stages = [r.getMessage().split()[1] for r in caplog.records if "decision" in r.getMessage()]
+    assert stages == ["stage=rcpt", "stage=eom"]  # the refusal, then the message
+    assert 'reply="550 5.2.1"' in caplog.records[0].getMessage()
