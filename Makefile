@@ -17,7 +17,7 @@ APT_DEB  := build-essential debhelper dh-python pybuild-plugin-pyproject python3
             python3-setuptools python3-wheel lintian
 APT_RPM  := rpm rpm2cpio cpio python3-build python3-installer python3-setuptools python3-wheel
 APT_MAN  := groff-base man-db systemd
-APT_PACKAGING := $(APT_DEB) $(APT_RPM) $(APT_MAN) python3-pytest python3-pytest-timeout
+APT_PACKAGING := $(APT_DEB) $(APT_RPM) $(APT_MAN) python3-pytest python3-pytest-timeout python3-hypothesis
 APT_TEST := $(APT_RUN) postfix knot iproute2 openssl m4 prometheus $(APT_PACKAGING)
 
 .PHONY: run test lint unit integration deps-run deps-test clean deb rpm man

@@ -20,6 +20,17 @@ FIELD = "Authentication-Results"
 _ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9._-]{1,253}$")
 _DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 _HELO = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
+_B = re.compile(r"^[A-Za-z0-9+/=]{1,64}$")
+
+
+def _token(value: str) -> str | None:
+    """A domain, selector or PTR name, written only when it is plainly one.
+
+    The checks already clean what they report (iprev.safe_name,
+    dkimcheck.describe); this keeps the header well-formed whatever a
+    result holds.
+    """
+    return value if _DOMAIN.fullmatch(value) else None
 
 
 def _helo_value(helo: str) -> str | None:
@@ -52,7 +63,8 @@ def results_for(
 ) -> list[authres.core.BaseAuthenticationResult]:
     out: list[authres.core.BaseAuthenticationResult] = []
     if iprev is not None and addr is not None:
-        comment = ", ".join(iprev.names[:5]) if iprev.names else None
+        names = [n for n in map(_token, iprev.names[:5]) if n]
+        comment = ", ".join(names) if names else None
         out.append(
             authres.IPRevAuthenticationResult(
                 result=iprev.result.value, policy_iprev=str(addr), policy_iprev_comment=comment
@@ -75,9 +87,9 @@ def results_for(
         out.append(authres.DKIMAuthenticationResult(result="none"))
     for r in dkim:
         res = authres.DKIMAuthenticationResult(
-            result=r.result, header_d=r.domain or None, header_s=r.selector or None
+            result=r.result, header_d=_token(r.domain), header_s=_token(r.selector)
         )
-        if r.b:
+        if _B.fullmatch(r.b):
             # Last: authres 1.2.0 drops a quoted value that another property follows.
             res.properties.append(AuthenticationResultProperty("header", "b", r.b))
         out.append(res)

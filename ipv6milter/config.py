@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import idna
+
 from .model import IPAddress
 
 DEFAULT_PATH = "/etc/ipv6milter/ipv6milter.conf"
@@ -36,6 +38,26 @@ class ValueProblem(ValueError):
 # -- domains -----------------------------------------------------------------
 
 
+def a_labels(domain: str) -> str:
+    """The A-label form of ``domain``: lower case, no trailing dot.
+
+    IDNA 2008 with UTS #46 non-transitional mapping, as browsers and mail
+    software use today: ``faß.de`` is ``xn--fa-hia.de``, a domain of its own,
+    not ``fass.de`` (Python's built-in ``idna`` codec is IDNA 2003 and maps
+    one to the other).  ASCII labels are only lower-cased, so names such as
+    ``_spf.example.com`` pass.  Raises UnicodeError (idna.IDNAError) for a
+    name that is not valid IDNA.
+    """
+    d = domain.strip().rstrip(".")
+    if d.isascii():
+        return d.lower()
+    mapped = idna.uts46_remap(d, std3_rules=False, transitional=False).rstrip(".")
+    return ".".join(
+        label.lower() if label.isascii() else idna.alabel(label).decode("ascii")
+        for label in mapped.split(".")
+    )
+
+
 def normalise_domain(domain: str) -> str:
     """Lower-case A-label form without the trailing dot, for comparisons.
 
@@ -46,7 +68,7 @@ def normalise_domain(domain: str) -> str:
     if not d:
         return d
     try:
-        return d.encode("idna").decode("ascii").lower()
+        return a_labels(d)
     except UnicodeError:
         # Not valid IDNA (e.g. a label over 63 characters): compare it as is.
         return d
@@ -204,6 +226,8 @@ def parse_userid(value: str) -> str:
 def parse_path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueProblem(f"expected an absolute path, got {value!r}")
+    if "\0" in value:  # open() would raise ValueError, not OSError
+        raise ValueProblem(f"a path cannot contain a NUL character: {value!r}")
     return value
 
 
@@ -219,13 +243,25 @@ def parse_metrics(value: str) -> tuple[str, int] | None:
     return parse_hostport(value)
 
 
+def numbered_lines(text: str) -> list[str]:
+    """The lines of a file as ``grep -n``, ``sed`` and editors number them.
+
+    Only LF ends a line (a CR before it is whitespace to ``strip``);
+    ``str.splitlines`` would also split at form feeds, NEL, U+2028 and other
+    characters and make error messages name the wrong line.
+    """
+    return text.split("\n")
+
+
 def read_domain_file(path: str) -> DomainSet:
     """One entry a line, ``#`` comments; errors name the file's own line."""
     errors = []
     entries = []
+    if "\0" in path:
+        raise ValueProblem(f"cannot read domain list {path!r}: a path cannot contain NUL")
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        with open(path, encoding="utf-8", newline="") as fh:
+            lines = numbered_lines(fh.read())
     except (OSError, UnicodeDecodeError) as e:
         raise ValueProblem(f"cannot read domain list {path}: {e}") from None
     for no, line in enumerate(lines, 1):
@@ -336,7 +372,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}
     errors: list[str] = []
-    for no, line in enumerate(text.splitlines(), 1):
+    for no, line in enumerate(numbered_lines(text), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -383,7 +419,7 @@ def load(path: str | None, *, default_if_missing: bool = False) -> Config:
     """
     path = path or DEFAULT_PATH
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8", newline="") as fh:
             text = fh.read()
     except FileNotFoundError:
         if default_if_missing:

@@ -6,6 +6,7 @@ import re
 
 import spf
 
+from .config import a_labels
 from .model import IPAddress, SpfResult
 from .resolver import Budget, Resolver
 
@@ -27,12 +28,11 @@ def envelope_address(mail_from: str) -> str:
 
 def ascii_domain(domain: str) -> str | None:
     """The A-label form of a domain fit for DNS, or None."""
-    d = domain.strip().rstrip(".")
     try:
-        d = d.encode("idna").decode("ascii")
+        d = a_labels(domain)
     except UnicodeError:
         return None
-    return d.lower() if _DOMAIN.match(d) else None
+    return d if _DOMAIN.match(d) else None
 
 
 def check_spf(
