@@ -146,8 +146,13 @@ def forged_indexes(values: Sequence[str], authserv_id: str) -> list[int]:
     Deleting from the top would renumber the rest under Postfix and not
     under Sendmail; from the bottom up is right on both.
     """
+    return matching_indexes([authserv_id_of(v) for v in values], authserv_id)
+
+
+def matching_indexes(ids: Sequence[str], authserv_id: str) -> list[int]:
+    """``forged_indexes`` from authserv-ids already read with ``authserv_id_of``."""
     ours = authserv_id.lower()
-    return sorted((i for i, v in enumerate(values, 1) if authserv_id_of(v) == ours), reverse=True)
+    return sorted((i for i, v in enumerate(ids, 1) if v == ours), reverse=True)
 
 
 def parse(value: str) -> authres.AuthenticationResultsHeader:

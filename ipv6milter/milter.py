@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SPF_UNFINISHED = SpfResult("temperror", "", "mailfrom", "did not finish in time")
 NAME = "ipv6milter"
+_FIELD_OVERHEAD = 256  # bytes charged per header field on top of its length
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,7 +100,8 @@ class Ipv6Milter(Milter.Base):
         self.opted_in = 0
         self.rcpts: list[str] = []
         self.headers: list[tuple[str, bytes]] = []
-        self.ar_values: list[str] = []
+        self.ar_ids: list[str] = []  # authserv-id of each Authentication-Results
+        self.signed = False  # a DKIM-Signature field was seen
         self.chunks: list[bytes] = []
         self.size = 0
         self.too_big = False
@@ -185,10 +187,17 @@ class Ipv6Milter(Milter.Base):
     @_no_reply
     @Milter.decode("bytes")
     def header(self, name: str, value: bytes) -> None:
-        self.headers.append((name, value))
-        if name.lower() == "authentication-results":
-            self.ar_values.append(value.decode("utf-8", "replace"))
-        self._count(len(name) + len(value) + 4)
+        lname = name.lower()
+        if lname == "authentication-results":
+            self.ar_ids.append(authresults.authserv_id_of(value.decode("utf-8", "replace")))
+        elif lname == "dkim-signature":
+            self.signed = True
+        # Past MaxMessageSize only the signatures are kept, to be reported.
+        if not self.too_big or lname == "dkim-signature":
+            self.headers.append((name, value))
+        # Each field costs more than its bytes: charge for the overhead too, so
+        # that half a million tiny fields also reach the limit.
+        self._count(len(name) + len(value) + _FIELD_OVERHEAD)
 
     @_guarded
     def body(self, chunk: bytes) -> int:
@@ -206,6 +215,7 @@ class Ipv6Milter(Milter.Base):
         if self.size > self.cfg.max_message_size and not self.too_big:
             self.too_big = True
             self.chunks = []
+            self.headers = [(n, v) for n, v in self.headers if n.lower() == "dkim-signature"]
 
     @_guarded
     def eom(self) -> int:
@@ -240,7 +250,7 @@ class Ipv6Milter(Milter.Base):
             return self._refuse(verdict.reply)
         if self.scope is not Scope.TRUSTED:
             # RFC 8601 §5: remove what claims to be ours; highest index first.
-            for idx in authresults.forged_indexes(self.ar_values, authserv_id):
+            for idx in authresults.matching_indexes(self.ar_ids, authserv_id):
                 self.chgheader(authresults.FIELD, idx, "")
         if stamp:
             addr = policy.effective_address(self.addr) if self.addr else None
@@ -251,6 +261,8 @@ class Ipv6Milter(Milter.Base):
         return Milter.CONTINUE
 
     def _dkim(self) -> tuple[DkimResult, ...]:
+        if not self.signed:
+            return ()
         if self.too_big:
             sigs = [v for n, v in self.headers if n.lower() == "dkim-signature"]
             return unverified(sigs, "message too large", self.cfg.max_signatures)
@@ -261,7 +273,9 @@ class Ipv6Milter(Milter.Base):
         sep = b":" if self._protocol & Milter.P_HDR_LEADSPC else b": "
         lines = [name.encode("ascii", "replace") + sep + value for name, value in self.headers]
         head = re.sub(rb"\r?\n", b"\r\n", b"\r\n".join(lines))
-        return head + b"\r\n\r\n" + b"".join(self.chunks)
+        message = b"".join([head, b"\r\n\r\n", *self.chunks])
+        self.chunks = []  # one copy of the body is enough
+        return message
 
     def abort(self) -> int:
         self._reset_message()

@@ -139,7 +139,7 @@ def test_sighup_reloads_and_keeps_serving_sigterm_stops_cleanly(daemon) -> None:
 
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
-    assert "SIGTERM received" in log.read_text()
+    assert "stopped" in log.read_text()
     assert not pid_file.exists()
 
 
@@ -148,7 +148,9 @@ def test_sigint_stops_cleanly(daemon) -> None:  # type: ignore[no-untyped-def]
     p, _port, _conf, log = daemon
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=20) == 0
-    assert "SIGINT received" in log.read_text()
+    # Stopped cleanly; either our handler logs it, or (rarely, when the kernel
+    # hands the signal to libmilter's own thread) libmilter stops by itself.
+    assert "stopped" in log.read_text()
 
 
 def _status(pid: int, field: str) -> list[str]:
@@ -191,3 +193,13 @@ def test_running_as_root_without_userid_warns(daemon) -> None:  # type: ignore[n
         wait_for(lambda: "running as root" in log.read_text(), what="root warning")
     else:
         assert "running as root" not in log.read_text()
+
+
+def test_no_delay_is_set_on_the_listening_socket() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        cli._no_delay(f"inet:{port}@127.0.0.1")
+        assert srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

@@ -360,7 +360,7 @@ def test_internal_error_tempfails_that_message_and_the_milter_goes_on(
 
     monkeypatch.setattr(engine, "dkim", broken)
     with caplog.at_level(logging.ERROR):
-        out = ctx.transaction("a@example.com", ["b@example.org"], message())
+        out = ctx.transaction("a@example.com", ["b@example.org"], message(sign=True))
     assert out["eom"] == Milter.TEMPFAIL
     assert out["eom_reply"][:2] == ("451", "4.3.0")
     assert caplog.text.count("Traceback") == 1
@@ -449,3 +449,15 @@ def test_accepted_recipients_are_logged_at_debug_only(
     stages = [r.getMessage().split()[1] for r in caplog.records if "decision" in r.getMessage()]
     assert stages == ["stage=rcpt", "stage=eom"]  # the refusal, then the message
     assert 'reply="550 5.2.1"' in caplog.records[0].getMessage()
+
+
+def test_header_fields_count_towards_max_message_size(resolver: FakeResolver) -> None:
+    # Many tiny fields must reach the limit too; past it only signatures are kept.
+    ctx = ctx_for(cfg(max_message_size=64 * 1024), resolver)
+    ctx.connect(GOOD)
+    extra = b"".join(b"X-N: %d\r\n" % i for i in range(400))
+    out = ctx.transaction("x@fail.example", ["b@example.org"], message(extra=extra, sign=True))
+    m = ctx._priv
+    assert m.too_big
+    assert [n for n, _ in m.headers] == ["DKIM-Signature"]
+    assert out["eom_reply"][:2] == ("450", "4.7.26")  # judged without DKIM
