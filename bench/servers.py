@@ -42,6 +42,8 @@ import dns.query
 import dns.rcode
 import dns.reversename
 
+from tests.integration.harness import MASTER_CF
+
 DOMAIN = "bench.example"  # RFC 2606; not .test, which libunbound (OpenDKIM) answers itself
 HELO = f"mail.{DOMAIN}"
 SENDER = f"sender@{DOMAIN}"
@@ -364,29 +366,6 @@ def start_milter(
 
 # -- Postfix, a private instance --------------------------------------------------------
 
-_MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command
-{smtpd_services}
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 
 @dataclass
@@ -450,7 +429,7 @@ def run_postfix(keep_dir: Path, sink_port: int, milters: dict[str, str]) -> Iter
             f" -o smtpd_milters={spec or '$no_milters'} -o syslog_name=postfix/{name}"
             for name, spec in milters.items()
         )
-        (etc / "master.cf").write_text(_MASTER_CF.format(smtpd_services=services))
+        (etc / "master.cf").write_text(MASTER_CF.format(smtpd_services=services))
         (etc / "main.cf").write_text(
             "\n".join(
                 [

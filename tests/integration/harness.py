@@ -646,7 +646,7 @@ class MilterFactory:
 
 # -- Postfix, a private instance ------------------------------------------------------
 
-_MASTER_CF = """\
+MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command
 {smtpd_services}
 pickup    unix  n       -       n       60      1       pickup
@@ -743,7 +743,7 @@ def run_postfix(
             f" -o smtpd_milters={spec} -o syslog_name=postfix/{name}"
             for name, spec in milters.items()
         )
-        (etc / "master.cf").write_text(_MASTER_CF.format(smtpd_services=services))
+        (etc / "master.cf").write_text(MASTER_CF.format(smtpd_services=services))
         (etc / "main.cf").write_text(
             "\n".join(
                 [

@@ -19,28 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-MASTER_CF = """\
-{smtpd_addr} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+from tests.integration.harness import MASTER_CF
 
 
 def free_port() -> int:
@@ -189,7 +168,7 @@ class PrivatePostfix:
             "".join(f"{k} = {v}\n" for k, v in settings.items())
         )
         (self.conf / "master.cf").write_text(
-            MASTER_CF.format(smtpd_addr=f"127.0.0.1:{self.port}")
+            MASTER_CF.format(smtpd_services=f"127.0.0.1:{self.port} inet n - n - - smtpd")
         )
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
