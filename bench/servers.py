@@ -42,7 +42,7 @@ import dns.query
 import dns.rcode
 import dns.reversename
 
-from tests.integration.harness import MASTER_CF
+from tests.integration.harness import MASTER_CF, zone_file, zone_ready
 
 DOMAIN = "bench.example"  # RFC 2606; not .test, which libunbound (OpenDKIM) answers itself
 HELO = f"mail.{DOMAIN}"
@@ -174,25 +174,6 @@ def build_zones(key_record: str) -> dict[str, list[str]]:
     }
 
 
-def _zone_file(origin: str, records: list[str]) -> str:
-    head = [
-        f"$ORIGIN {origin}.",
-        "$TTL 3600",
-        f"@ SOA ns.{DOMAIN}. hostmaster.{DOMAIN}. 1 3600 600 86400 300",
-        f"@ NS ns.{DOMAIN}.",
-    ]
-    return "\n".join(head + records) + "\n"
-
-
-def _zone_ready(host: str, port: int, zone: str) -> bool:
-    q = dns.message.make_query(zone, "SOA")
-    try:
-        r = dns.query.udp(q, host, port=port, timeout=0.5)
-    except (OSError, dns.exception.Timeout):
-        return False
-    return r.rcode() == dns.rcode.NOERROR and bool(r.flags & dns.flags.AA) and bool(r.answer)
-
-
 @dataclass
 class Dns:
     port: int  # on 127.0.0.1 and ::1
@@ -215,7 +196,7 @@ def run_knot(workdir: Path, key: bytes, key_record: str) -> Iterator[Dns]:
     zonedir.mkdir(parents=True)
     zone_conf = []
     for origin, records in zones.items():
-        (zonedir / f"{origin}.zone").write_text(_zone_file(origin, records))
+        (zonedir / f"{origin}.zone").write_text(zone_file(origin, records, ttl=3600))
         zone_conf.append(f"  - domain: {origin}\n    file: {origin}.zone\n")
     conf = workdir / "knot.conf"
     conf.write_text(
@@ -245,8 +226,7 @@ def run_knot(workdir: Path, key: bytes, key_record: str) -> Iterator[Dns]:
     try:
         wait_until(
             "knotd",
-            lambda: all(_zone_ready(h, p, z) for z in zones
-                        for h, p in (("127.0.0.1", port), ("::1", port), (addr53, 53))),
+            lambda: all(zone_ready(port, z) and zone_ready(53, z, (addr53,)) for z in zones),
             alive=_gone(proc, log),
         )
         yield Dns(port=port, addr53=addr53, zones=zones, key=key, log=log)

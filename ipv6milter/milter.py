@@ -26,7 +26,6 @@ from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, Spf
 log = logging.getLogger(__name__)
 
 SPF_UNFINISHED = SpfResult("temperror", "", "mailfrom", "did not finish in time")
-NAME = "ipv6milter"
 _FIELD_OVERHEAD = 256  # bytes charged per header field on top of its length
 
 

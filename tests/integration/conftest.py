@@ -40,6 +40,8 @@ from .harness import (
     Sink,
     blackhole_dns,
     free_port,
+    log_offsets,
+    log_sections,
     port53_address,
     run_knot,
     run_postfix,
@@ -264,16 +266,9 @@ def lab_mta(request: pytest.FixtureRequest) -> LabMta:
 # -- failure reports: what each log gained during the failed test ---------------------
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    item.stash[_OFFSETS] = {name: _size(path) for name, path in _LOGS.items()}
+    item.stash[_OFFSETS] = log_offsets(_LOGS)
     yield
 
 
@@ -281,15 +276,5 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
-        return
-    offsets = item.stash.get(_OFFSETS, {})
-    for name, path in _LOGS.items():
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(offsets.get(name, 0))
-                text = fh.read()[-20000:].decode("utf-8", "replace")
-        except OSError:
-            continue
-        if text:
-            report.sections.append((f"{name} log ({path})", text))
+    if report.when == "call" and report.failed:
+        report.sections.extend(log_sections(_LOGS, item.stash.get(_OFFSETS, {})))

@@ -99,6 +99,32 @@ def tcp_open(host: str, port: int) -> bool:
         return False
 
 
+def log_offsets(logs: dict[str, Path]) -> dict[str, int]:
+    """The current size of each log, to see later what a test added."""
+    out = {}
+    for name, path in logs.items():
+        try:
+            out[name] = path.stat().st_size
+        except OSError:
+            out[name] = 0
+    return out
+
+
+def log_sections(logs: dict[str, Path], offsets: dict[str, int]) -> list[tuple[str, str]]:
+    """(title, text) of what each log gained since ``offsets``: a failure report."""
+    sections = []
+    for name, path in logs.items():
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offsets.get(name, 0))
+                text = fh.read()[-20000:].decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text:
+            sections.append((f"{name} log ({path})", text))
+    return sections
+
+
 def log_tail(path: Path, limit: int = 6000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -292,17 +318,17 @@ def build_zones() -> dict[str, list[str]]:
     }
 
 
-def _zone_file(origin: str, records: list[str]) -> str:
+def zone_file(origin: str, records: list[str], ttl: int = 300) -> str:
     head = [
         f"$ORIGIN {origin}.",
-        "$TTL 300",
+        f"$TTL {ttl}",
         "@ SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 300",
         "@ NS ns.example.com.",
     ]
     return "\n".join(head + records) + "\n"
 
 
-def _zone_ready(port: int, zone: str, hosts: tuple[str, ...] = LOOPBACKS) -> bool:
+def zone_ready(port: int, zone: str, hosts: tuple[str, ...] = LOOPBACKS) -> bool:
     for host in hosts:
         q = dns.message.make_query(zone, "SOA")
         try:
@@ -343,7 +369,7 @@ def run_knot(workdir: Path, port53: str | None = None) -> Iterator[DnsWorld]:
     zonedir.mkdir(parents=True)
     zone_conf = []
     for origin, records in zones.items():
-        (zonedir / f"{origin}.zone").write_text(_zone_file(origin, records))
+        (zonedir / f"{origin}.zone").write_text(zone_file(origin, records))
         zone_conf.append(f"  - domain: {origin}\n    file: {origin}.zone\n")
     conf = workdir / "knot.conf"
     conf.write_text(
@@ -374,8 +400,8 @@ def run_knot(workdir: Path, port53: str | None = None) -> Iterator[DnsWorld]:
         wait_until(
             "knotd",
             lambda: (
-                all(_zone_ready(port, z) for z in zones)
-                and (port53 is None or _zone_ready(53, REVERSE_ZONE, (port53,)))
+                all(zone_ready(port, z) for z in zones)
+                and (port53 is None or zone_ready(53, REVERSE_ZONE, (port53,)))
             ),
             alive=_process_gone(proc, log),
         )

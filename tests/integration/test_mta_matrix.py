@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import pytest
 
 from .harness import AUTHSERV_ID, LAB_SPF, NOT_OPTED_IN, DnsWorld, MilterProcess, Sink
+from .replies import no_ptr, not_authenticated, not_opted_in
 from .smtpclient import (
     LabMta,
     Outcome,
@@ -36,22 +37,6 @@ pytestmark = pytest.mark.timeout(60)
 # -- the SPEC's replies ---------------------------------------------------------------------
 
 
-def not_opted_in(domain: str) -> str:
-    return f"550 5.2.1 Service unavailable, [{domain}] does not accept email over IPv6."
-
-
-def no_ptr(addr: str) -> str:
-    return (
-        f"450 4.7.25 Service unavailable, sending IPv6 address [{addr}] must have reverse DNS"
-        " record."
-    )
-
-
-def not_authenticated(addr: str) -> str:
-    return (
-        f"450 4.7.26 Service unavailable, message sent over IPv6 [{addr}] must pass either SPF"
-        " or DKIM validation."
-    )
 
 
 DNS_TEMPFAIL = "451 4.4.3 *"  # the text after the codes is free (SPEC §1)

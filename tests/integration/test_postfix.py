@@ -13,6 +13,7 @@ import time
 import pytest
 
 from .harness import AUTHSERV_ID, NOT_OPTED_IN, UNSERVED, DnsWorld, PostfixInstance, Sink
+from .replies import TEMPFAIL_DNS, no_ptr, not_authenticated, not_opted_in
 from .smtpclient import (
     Outcome,
     Session,
@@ -28,25 +29,8 @@ from .smtpclient import (
 
 pytestmark = pytest.mark.timeout(60)
 
-TEMPFAIL_DNS = re.compile(r"451 4\.4\.3 \S")
 
 
-def not_opted_in(domain: str) -> str:
-    return f"550 5.2.1 Service unavailable, [{domain}] does not accept email over IPv6."
-
-
-def no_ptr(addr: str) -> str:
-    return (
-        f"450 4.7.25 Service unavailable, sending IPv6 address [{addr}] must have reverse DNS"
-        " record."
-    )
-
-
-def not_authenticated(addr: str) -> str:
-    return (
-        f"450 4.7.26 Service unavailable, message sent over IPv6 [{addr}] must pass either SPF"
-        " or DKIM validation."
-    )
 
 
 def send(

@@ -29,6 +29,8 @@ from tests.integration.harness import (
     OPTED_IN,
     PostfixInstance,
     Sink,
+    log_offsets,
+    log_sections,
     run_postfix,
     run_sink,
 )
@@ -56,7 +58,7 @@ def _restore_pyspf() -> Iterator[None]:
 def _need(*commands: str) -> None:
     missing = [c for c in commands if not (shutil.which(c) or Path("/usr/sbin", c).exists())]
     if missing:
-        pytest.skip(f"the reliability tests need {', '.join(missing)} (make deps-test)")
+        pytest.fail(f"the reliability tests need {', '.join(missing)} (make deps-test)")
 
 
 MILTER_BASE = {
@@ -181,7 +183,7 @@ def postfix(
 ) -> Iterator[PostfixInstance]:
     _need("postfix", "postconf")
     if os.geteuid() != 0:
-        pytest.skip("a private Postfix instance needs root (postfix -c DIR start)")
+        pytest.fail("a private Postfix instance needs root (postfix -c DIR start)")
     services = {"main": main_milter.socket_spec, "faulty": faulty_milter.socket_spec}
     with run_postfix(tmp_path_factory.mktemp("postfix"), sink.port, services) as pf:
         postconf = shutil.which("postconf") or "/usr/sbin/postconf"
@@ -227,16 +229,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 _OFFSETS = pytest.StashKey[dict[str, int]]()
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    item.stash[_OFFSETS] = {name: _size(path) for name, path in _LOGS.items()}
+    item.stash[_OFFSETS] = log_offsets(_LOGS)
     yield
 
 
@@ -244,15 +239,5 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
-    if rep.when != "call" or not rep.failed:
-        return
-    offsets = item.stash.get(_OFFSETS, {})
-    for name, path in _LOGS.items():
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(offsets.get(name, 0))
-                text = fh.read()[-20000:].decode("utf-8", "replace")
-        except OSError:
-            continue
-        if text:
-            rep.sections.append((f"{name} log ({path})", text))
+    if rep.when == "call" and rep.failed:
+        rep.sections.extend(log_sections(_LOGS, item.stash.get(_OFFSETS, {})))

@@ -27,12 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.query
-import dns.rcode
-
 from tests.integration.harness import (
     HarnessError,
     free_port,
@@ -40,28 +34,11 @@ from tests.integration.harness import (
     milter_command,
     tcp_open,
     wait_until,
+    zone_file,
+    zone_ready,
 )
 
 # -- Knot ------------------------------------------------------------------------------
-
-
-def zone_file(origin: str, records: list[str]) -> str:
-    head = [
-        f"$ORIGIN {origin}.",
-        "$TTL 300",
-        "@ SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 300",
-        "@ NS ns.example.com.",
-    ]
-    return "\n".join(head + records) + "\n"
-
-
-def zone_ready(port: int, zone: str) -> bool:
-    q = dns.message.make_query(zone, "SOA")
-    try:
-        r = dns.query.udp(q, "127.0.0.1", port=port, timeout=0.5)
-    except (OSError, dns.exception.Timeout):
-        return False
-    return r.rcode() == dns.rcode.NOERROR and bool(r.flags & dns.flags.AA) and bool(r.answer)
 
 
 class Knot:
@@ -115,7 +92,9 @@ class Knot:
                 return None
             return f"knotd exited with {proc.returncode}:\n{log_tail(self.log)}"
 
-        wait_until("knotd", lambda: all(zone_ready(self.port, z) for z in self.zones), 30, gone)
+        here = ("127.0.0.1",)
+        wait_until("knotd", lambda: all(zone_ready(self.port, z, here) for z in self.zones),
+                   30, gone)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
