@@ -76,8 +76,8 @@ class Metrics:
                              ("eom", "4.4.3"), ("eom", "internal-error")):
             self.decisions.labels(stage, reply, cfg.mode)
 
-    def decision(self, stage: str, verdict: Verdict, mode: str) -> None:
-        self.decisions.labels(stage, reply_label(verdict), mode).inc()
+    def decision(self, stage: str, verdict: Verdict) -> None:
+        self.decisions.labels(stage, reply_label(verdict), verdict.mode).inc()
 
     def cache(self, hit: bool) -> None:
         self.dns_cache.labels("hit" if hit else "miss").inc()

@@ -18,7 +18,7 @@ from typing import Any
 
 import Milter
 
-from . import authresults, policy, spfcheck
+from . import authresults, logfmt, policy, spfcheck
 from .dkimcheck import unverified
 from .engine import IPREV_UNFINISHED, Engine
 from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
@@ -71,12 +71,6 @@ def _no_reply(fn: Callable[..., Any]) -> Callable[..., Any]:
     return Milter.noreply(wrapper)
 
 
-def _kv(value: object) -> str:
-    """A log value: quoted when it holds spaces, stripped of control characters."""
-    text = re.sub(r"[\x00-\x1f\x7f]", "?", str(value))[:200] if value not in (None, "") else "-"
-    return f'"{text}"' if (" " in text or '"' in text) else text
-
-
 @Milter.header_leading_space
 class Ipv6Milter(Milter.Base):
     def __init__(self, engine: Engine):
@@ -127,7 +121,8 @@ class Ipv6Milter(Milter.Base):
         self.addr = (
             policy.parse_address(raw) if family in (socket.AF_INET, socket.AF_INET6) else None
         )
-        self.client = str(self.addr) if self.addr else "local"
+        # The log names a mapped client by the IPv4 address it carries.
+        self.client = str(policy.effective_address(self.addr)) if self.addr else "local"
         self.j = self.getsymval("j")
         self.conn_scope = policy.classify(self.cfg, self.addr)
         if not self.connected:
@@ -160,8 +155,8 @@ class Ipv6Milter(Milter.Base):
     def envrcpt(self, rcpt: str, *params: str) -> int:
         if self.conn_failed or self.failed:
             return self._internal_error("rcpt")
-        self.rcpts.append(rcpt)
         if not self.scope.in_scope:
+            self.rcpts.append(rcpt)
             return Milter.CONTINUE
         assert self.addr is not None
         domain = policy.recipient_domain(rcpt)
@@ -169,14 +164,16 @@ class Ipv6Milter(Milter.Base):
         start = time.monotonic()
         iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED) if opted_in else None
         verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev)
-        self.engine.metrics.decision("rcpt", verdict, self.cfg.mode)
+        self.engine.metrics.decision("rcpt", verdict)
         # An accepted recipient is logged at debug level only: the message's
         # own line (stage=eom) records the accept with every recipient domain.
         self._log("rcpt", verdict, start, rcpt_domain=domain,
-                  iprev=iprev.result if iprev else None,
+                  iprev=iprev.result if iprev else None, ptr=_ptr(iprev),
                   level=logging.INFO if verdict.reply else logging.DEBUG)
         if verdict.refuses:
             return self._refuse(verdict.reply)
+        # The message's line lists the recipients it was accepted for.
+        self.rcpts.append(rcpt)
         if opted_in and verdict.reply is None:
             # Only a recipient enforce mode would take brings the message to
             # the end-of-message decision (in monitor mode too).
@@ -240,10 +237,10 @@ class Ipv6Milter(Milter.Base):
                 metrics.results.labels("dkim", r.result).inc()
             if self.scope.in_scope and self.opted_in:
                 verdict = policy.decide_eom(cfg, self.addr, spf, dkim)
-                metrics.decision("eom", verdict, cfg.mode)
+                metrics.decision("eom", verdict)
         dkim_log = (",".join(r.result for r in dkim) or "none") if stamp else None
         self._log("eom", verdict, start, rcpt_domain=self._rcpt_domains(),
-                  iprev=iprev.result if iprev else None,
+                  iprev=iprev.result if iprev else None, ptr=_ptr(iprev),
                   spf=spf.result if spf else None, dkim=dkim_log)
         if verdict.refuses:
             return self._refuse(verdict.reply)
@@ -306,7 +303,7 @@ class Ipv6Milter(Milter.Base):
 
     def _log(self, stage: str, verdict: Verdict, start: float, level: int = logging.INFO,
              **facts: object) -> None:
-        """The decision log: one ``key=value`` line per decision (docs/operations.md)."""
+        """The decision log: one logfmt line per decision (SPEC §4, docs/operations.md)."""
         if not log.isEnabledFor(level):
             return
         sender = spfcheck.envelope_address(self.mail_from or "")
@@ -326,6 +323,11 @@ class Ipv6Milter(Milter.Base):
         else:
             fields["reply"] = "accept"
             fields["would_reply"] = verdict.summary
-        fields["mode"] = self.cfg.mode
+        fields["mode"] = verdict.mode if verdict.reply is not None else self.cfg.mode
         fields["elapsed_ms"] = round((time.monotonic() - start) * 1000)
-        log.log(level, "decision %s", " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))
+        log.log(level, "%s%s", logfmt.PREFIX, logfmt.format_fields(fields))
+
+
+def _ptr(iprev: IprevResult | None) -> str | None:
+    """The first PTR name for the log; ``-`` when unknown or absent."""
+    return iprev.names[0] if iprev is not None and iprev.names else None

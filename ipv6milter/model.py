@@ -101,6 +101,9 @@ class Verdict:
     reply: Reply | None = None
     enforced: bool = True
     reasons: tuple[str, ...] = field(default=())
+    # "enforce" or "monitor": how this client's refusals are handled (a client
+    # outside EnforceShare is handled as in monitor mode).
+    mode: str = "enforce"
 
     @property
     def refuses(self) -> bool:

@@ -172,4 +172,4 @@ def decide_eom(
 
 def _verdict(cfg: Config, reply: Reply, reason: str) -> Verdict:
     # Monitor mode: the reply enforce mode would give, recorded, not sent.
-    return Verdict(reply=reply, enforced=not cfg.monitor, reasons=(reason,))
+    return Verdict(reply=reply, enforced=not cfg.monitor, reasons=(reason,), mode=cfg.mode)

@@ -1,0 +1,73 @@
+"""The decision log's line format: ``key=value`` pairs in logfmt form (SPEC §4).
+
+A value is written bare when it is non-empty and holds no space, ``"``,
+``=`` or ``\\``; otherwise it is double-quoted with ``\\"`` and ``\\\\``
+escaped.  Control characters never reach a line (they are replaced by
+``?`` before quoting), so one decision is always one physical line, and
+``parse(format(fields)) == fields`` for every value a client can send:
+a hostile HELO cannot add or change a field.
+
+A decision line is ``decision `` followed by the pairs; whatever a log
+system puts in front (a syslog prefix, the level of the stderr format) is
+skipped by ``find_decision``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+PREFIX = "decision "
+MISSING = "-"
+MAX_VALUE = 200  # characters of one value kept in a line (a HELO can be 64 KiB)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+_PAIR = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def value(v: object) -> str:
+    """One value as written: ``-`` for nothing, quoted when it must be."""
+    if v is None or v == "":
+        return MISSING
+    text = _CONTROL.sub("?", str(v))[:MAX_VALUE]
+    if _NEEDS_QUOTES.search(text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def format_fields(fields: Mapping[str, object]) -> str:
+    """``k=v k=v …``; keys are ours (plain words), values are escaped."""
+    return " ".join(f"{k}={value(v)}" for k, v in fields.items())
+
+
+def parse(text: str) -> dict[str, str] | None:
+    """The fields of ``k=v …`` text, or None when it is not exactly logfmt.
+
+    A quoted value comes back unescaped; ``-`` stays ``-`` (the caller knows
+    it means "nothing").  The first occurrence of a key wins.
+    """
+    fields: dict[str, str] = {}
+    pos, end = 0, len(text.rstrip("\r\n"))
+    while pos < end:
+        if text[pos] == " ":
+            pos += 1
+            continue
+        m = _PAIR.match(text, pos)
+        if m is None or (m.end() < end and text[m.end()] != " "):
+            return None
+        raw = m.group(2)
+        v = _UNESCAPE.sub(r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        fields.setdefault(m.group(1), v)
+        pos = m.end()
+    return fields
+
+
+def find_decision(line: str) -> dict[str, str] | None:
+    """The fields of a decision line, whatever prefix a log system added;
+    None for any other line (or a decision line that does not parse)."""
+    at = line.find(PREFIX + "stage=")
+    if at < 0:
+        return None
+    return parse(line[at + len(PREFIX):])

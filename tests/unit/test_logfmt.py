@@ -1,0 +1,36 @@
+"""The decision log's logfmt form: every line parses back to its fields."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipv6milter import logfmt
+
+
+def test_a_forged_helo_stays_one_field() -> None:
+    helo = 'x" reply=accept spf=pass y="'
+    line = "INFO ipv6milter.milter: decision " + logfmt.format_fields(
+        {"stage": "eom", "helo": helo, "reply": "450 4.7.26"})
+    assert logfmt.find_decision(line) == {"stage": "eom", "helo": helo, "reply": "450 4.7.26"}
+
+
+def test_missing_and_control_characters() -> None:
+    assert logfmt.format_fields({"a": None, "b": "", "c": "x\x1b[31my\n"}) == "a=- b=- c=x?[31my?"
+
+
+def test_syslog_prefix_is_skipped_and_other_lines_are_not_decisions() -> None:
+    line = "Dec  1 10:00:00 mx ipv6milter[42]: decision stage=rcpt reply=accept"
+    assert logfmt.find_decision(line) == {"stage": "rcpt", "reply": "accept"}
+    assert logfmt.find_decision("INFO ipv6milter: stopped") is None
+    assert logfmt.find_decision('decision stage=rcpt helo="unterminated') is None
+
+
+_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF), min_size=1,
+                  max_size=logfmt.MAX_VALUE)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), _values, max_size=8))
+def test_round_trip(fields: dict[str, str]) -> None:
+    assert logfmt.parse(logfmt.format_fields(fields)) == {
+        k: (v if v else "-") for k, v in fields.items()}
