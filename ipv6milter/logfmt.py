@@ -21,9 +21,11 @@ PREFIX = "decision "
 MISSING = "-"
 MAX_VALUE = 200  # characters of one value kept in a line (a HELO can be 64 KiB)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and the Unicode line separators: nothing that a log
+# reader could take for the end of a line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
-_PAIR = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
+_PAIR = re.compile(r'([^ ="]+)=("(?:[^"\\]|\\.)*"|[^ "]*)')
 _UNESCAPE = re.compile(r"\\(.)")
 
 

@@ -16,7 +16,8 @@ def test_a_forged_helo_stays_one_field() -> None:
 
 
 def test_missing_and_control_characters() -> None:
-    assert logfmt.format_fields({"a": None, "b": "", "c": "x\x1b[31my\n"}) == "a=- b=- c=x?[31my?"
+    fields = {"a": None, "b": "", "c": "x\x1b[31my\n\x85"}
+    assert logfmt.format_fields(fields) == "a=- b=- c=x?[31my??"
 
 
 def test_syslog_prefix_is_skipped_and_other_lines_are_not_decisions() -> None:
@@ -26,8 +27,8 @@ def test_syslog_prefix_is_skipped_and_other_lines_are_not_decisions() -> None:
     assert logfmt.find_decision('decision stage=rcpt helo="unterminated') is None
 
 
-_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF), min_size=1,
-                  max_size=logfmt.MAX_VALUE)
+_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF,
+                                exclude_categories=("Cc",)), min_size=1, max_size=logfmt.MAX_VALUE)
 
 
 @given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), _values, max_size=8))
