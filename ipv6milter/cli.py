@@ -2,15 +2,35 @@
 
 The only module that starts libmilter.
 
+Processes (``Workers``).  The parent binds the socket once (libmilter's
+``opensocket``, before privileges are dropped), then forks the workers;
+each runs libmilter's main loop on the inherited listening socket, so the
+kernel hands every MTA connection to one of them, and inside a worker
+libmilter runs one thread per connection as before.  The parent starts no
+thread at all (libmilter's signal thread, the DNS pool, an HTTP server are
+all started in the workers, after the fork): it only forwards signals,
+replaces a worker that dies, serves ``/metrics`` summed over all workers,
+and at a clean stop removes the unix socket and the pid file, once.  The
+listening socket is non-blocking: every worker's poll() wakes on a new
+connection, one accept() wins and the others get EAGAIN and poll again
+(with a blocking socket they would sleep in accept() and not see a stop).
+
+libmilter removes a unix socket's path when its main loop ends (if it runs
+as a user other than root).  A worker that stops must not take the path away
+from the others, so the socket is bound at a private name and renamed into
+place: libmilter only knows the private name, which no longer exists.
+
 Signals.  libmilter starts a thread of its own that ``sigwait``s for SIGHUP,
 SIGTERM and SIGINT and *stops the milter* on any of them, SIGHUP included.
 A kill(2) aimed at the process goes to the main thread whenever the main
-thread does not block the signal (Linux looks there first), so libmilter's
-main loop runs in a second thread, every thread but the main one blocks the
-three signals, and the main thread stays in Python where its handlers run:
-SIGHUP reloads, SIGTERM/SIGINT ask libmilter to stop.  While a handler runs
-the kernel would block its signal in the main thread and hand the next one to
-libmilter's thread, so the handlers are installed with SA_NODEFER.
+thread does not block the signal (Linux looks there first), so in a worker
+libmilter's main loop runs in a second thread, every thread but the main one
+blocks the three signals, and the main thread stays in Python where its
+handlers run: SIGHUP/SIGUSR1 reload, SIGTERM/SIGINT ask libmilter to stop.
+While a handler runs the kernel would block its signal in the main thread and
+hand the next one to libmilter's thread, so the handlers are installed with
+SA_NODEFER.  The parent has no libmilter thread: its handlers only set flags
+that its loop acts on (reload checked once, then forwarded; stop forwarded).
 """
 
 from __future__ import annotations
@@ -19,25 +39,34 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import grp
+import http.server
 import logging
 import logging.handlers
 import os
 import pwd
+import selectors
 import signal
 import socket
 import stat
 import sys
+import tempfile
 import threading
+import time
+import types
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from . import __version__, config
 from .config import Config, ConfigError
-from .engine import Engine
 
 log = logging.getLogger("ipv6milter")
 
 _SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+_RELOAD = {signal.SIGHUP, signal.SIGUSR1}
+_STOP = {signal.SIGTERM, signal.SIGINT}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,88 +166,185 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         log.debug("mallopt not available; malloc arenas not limited")
 
 
-def _no_delay(spec: str) -> None:
-    """TCP_NODELAY on libmilter's listening socket (accepted ones inherit it).
+# -- the listening socket -------------------------------------------------------------
 
-    libmilter writes each reply in small pieces; with Nagle's algorithm meeting
-    the MTA's delayed ACKs every message stalls tens of milliseconds on an
-    inet socket.  libmilter does not expose the socket: find it among our
-    descriptors by its port.
-    """
-    port = int(spec.split(":", 1)[1].split("@", 1)[0])
+
+def _find_listener(spec: str, bind_path: str | None = None) -> socket.socket | None:
+    """libmilter's listening socket, found among our descriptors (it does not expose
+    it): an inet socket by its port, a unix one by the name it was bound at.
+    The caller closes the returned duplicate."""
+    if spec.startswith("unix:"):
+        families: tuple[socket.AddressFamily, ...] = (socket.AF_UNIX,)
+        want: object = bind_path or spec[5:]
+    else:
+        families = (socket.AF_INET6, socket.AF_INET)
+        want = int(spec.split(":", 1)[1].split("@", 1)[0])
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
-            for family in (socket.AF_INET6, socket.AF_INET):
+            for family in families:
                 try:
                     s = socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd))
                 except OSError:
                     continue
-                with s:
-                    if (s.family in (socket.AF_INET, socket.AF_INET6)
-                            and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                            and s.getsockname()[1] == port):
-                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        return
+                if s.family in families and s.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    where = s.getsockname()
+                    if (where if s.family == socket.AF_UNIX else where[1]) == want:
+                        return s
+                s.close()
                 break
         except OSError:
             continue
-    log.debug("listening socket for %s not found; TCP_NODELAY not set", spec)
+    return None
+
+
+def _no_delay(spec: str) -> None:
+    """TCP_NODELAY on libmilter's listening socket (accepted ones inherit it).
+
+    libmilter writes each reply in small pieces; with Nagle's algorithm meeting
+    the MTA's delayed ACKs every message stalls tens of milliseconds on an
+    inet socket.
+    """
+    s = _find_listener(spec)
+    if s is None:
+        log.debug("listening socket for %s not found; TCP_NODELAY not set", spec)
+        return
+    with s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _non_blocking(spec: str, bind_path: str | None) -> bool:
+    """O_NONBLOCK on the shared listening socket (see the module's docstring).
+    Linux does not pass the flag on to accepted sockets."""
+    s = _find_listener(spec, bind_path)
+    if s is None:
+        return False
+    with s:
+        s.setblocking(False)  # a flag of the open file, shared with libmilter's descriptor
+    return True
 
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _drop_privileges(user_id: str) -> None:
+def _user_ids(user_id: str) -> tuple[int, int]:
     user, _, group = user_id.partition(":")
     pw = pwd.getpwnam(user)
     gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    return pw.pw_uid, gid
+
+
+def _drop_privileges(user_id: str) -> None:
+    uid, gid = _user_ids(user_id)
     os.setgroups([])
     os.setgid(gid)
-    os.setuid(pw.pw_uid)
-    log.info("running as %s (uid %d, gid %d)", user, pw.pw_uid, gid)
+    os.setuid(uid)
+    log.info("running as %s (uid %d, gid %d)", user_id.partition(":")[0], uid, gid)
 
 
-class Daemon:
-    """The running milter: configuration, engine, signals."""
+def write_pid_file(path: str, pid: int) -> None:
+    """Write ``pid`` to ``path``, never through a symbolic link.
 
-    def __init__(self, path: str | None, cfg: Config):
+    The milter still runs as root here and the directory may belong to the
+    ``UserID`` user: O_NOFOLLOW refuses a symbolic link planted at the name
+    (ELOOP), and the file is truncated only once it is known to be a regular
+    file with no other name (not a hard link to someone else's file; not a
+    FIFO, which O_NONBLOCK keeps from blocking the open).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, "is a symbolic link; refusing to write through it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EPERM, "not a regular file with a single name")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{pid}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def remove_pid_file(path: str, pid: int) -> None:
+    """Remove the pid file if it still names us (a second instance may own it now)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        if text.strip() == str(pid).encode():
+            os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("cannot remove PidFile %s: %s", path, e.strerror)
+
+
+def workers_wanted(cfg: Config) -> int:
+    """``Workers``, with ``auto`` as one per CPU this process may run on."""
+    if cfg.workers:
+        return cfg.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except OSError:
+        return max(1, os.cpu_count() or 1)
+
+
+# -- prctl ----------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.debug("prctl(%d) not available", option)
+
+
+# -- a worker -------------------------------------------------------------------------
+
+
+class Worker:
+    """One process serving the shared socket (the child side of a fork)."""
+
+    def __init__(self, path: str | None, cfg: Config, number: int):
+        from .engine import Engine
+
         self.path = path
+        self.number = number
         self.engine = Engine(cfg)
         self.failure: str | None = None
 
     def reload(self) -> None:
-        old = self.engine.cfg
         try:
             new = load(self.path)
         except ConfigError as e:
+            # The parent checked the file; it changed again since.
             for line in e.errors:
-                log.error("reload failed, keeping the running configuration: %s", line)
-            self.engine.metrics.reloads.labels("failed").inc()
+                log.error("worker %d: reload failed, keeping the running configuration: %s",
+                          self.number, line)
             return
-        restart_only = [
-            k.name
-            for k in config.KEYS
-            if k.attr in ("socket", "user_id", "umask", "pid_file", "metrics_listen")
-            and getattr(new, k.attr) != getattr(old, k.attr)
-        ]
-        if restart_only:
-            log.warning("reload: %s change(s) need a restart to apply", ", ".join(restart_only))
         setup_logging(new)
         self.engine.reload(new)
-        self.engine.metrics.reloads.labels("ok").inc()
-        log.info("configuration reloaded from %s", new.source or "built-in defaults")
+        log.info("worker %d (pid %d) uses the new configuration %s", self.number,
+                 os.getpid(), _digest(new))
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGHUP:
+        if signum in _RELOAD:
             self.reload()
             return
         import milter
 
-        log.info("%s received, stopping", signal.Signals(signum).name)
         milter.stop()
 
     def _main_loop(self) -> None:
@@ -227,7 +353,7 @@ class Daemon:
         # Blocked in this thread before libmilter starts any: its signal thread,
         # connection threads and our DNS pool all inherit the mask, so only
         # the main thread (and threads started from it) ever take a signal.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS | _RELOAD)
         try:
             milter.main()
         except milter.error as e:
@@ -235,76 +361,467 @@ class Daemon:
 
     def run(self) -> int:
         import Milter
-        import milter
 
         from .milter import Ipv6Milter
 
-        cfg = self.engine.cfg
+        for sig in _SIGNALS | _RELOAD:
+            signal.signal(sig, self._on_signal)
+            _no_defer(sig)
+        Milter.factory = partial(Ipv6Milter, self.engine)
+        loop = threading.Thread(target=self._main_loop, name="libmilter")
+        loop.start()
+        log.debug("worker %d (pid %d) serving", self.number, os.getpid())
+        try:
+            while loop.is_alive():
+                loop.join()  # interrupted by each signal; its handler runs here
+        finally:
+            self.engine.shutdown()
+        if self.failure:
+            log.error("worker %d: milter main loop failed: %s", self.number, self.failure)
+            return 1
+        return 0
+
+
+def _digest(cfg: Config) -> str:
+    from .metrics import config_hash
+
+    return config_hash(cfg)
+
+
+# -- the parent -----------------------------------------------------------------------
+
+# A worker that dies sooner than this after its start counts as failing at
+# once; the next start then waits (0.5 s, doubling, at most 30 s), and after
+# this many such deaths in a row the milter gives up (systemd restarts it).
+_QUICK_DEATH = 5.0
+_MAX_QUICK_DEATHS = 8
+_STOP_GRACE = 15.0
+
+
+@dataclass
+class _Slot:
+    number: int
+    pid: int | None = None
+    started: float = 0.0
+    quick_deaths: int = 0
+    due: float = 0.0  # when to start the next one
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    timeout = 2.0  # a slow client holds the parent's loop at most this long
+
+    def do_GET(self) -> None:
+        from .metrics import exposition
+
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        body, ctype = exposition(self.server.registry)  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: " + format, *args)
+
+
+class Daemon:
+    """The running milter: binds, drops privileges, supervises the workers."""
+
+    def __init__(self, path: str | None, cfg: Config):
+        self.path = path
+        self.cfg = cfg
+        self.failure: str | None = None
+        self.slots: list[_Slot] = []
+        self.metrics_dir: str | None = None
+        self.metrics: Any = None
+        self.pid = os.getpid()
+        self._flags: set[int] = set()
+        self._socket_path: str | None = None
+        self._socket_id: tuple[int, int] | None = None
+        self._http: socket.socket | None = None
+        self._wake: tuple[int, int] | None = None
+
+    # -- signals: flags only; the loop acts on them
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._flags.add(signum)
+
+    # -- start
+    def _open_socket(self, milter: Any) -> bool:
+        cfg = self.cfg
+        spec = cfg.socket
+        bind_path = None
+        if spec.startswith("unix:"):
+            path = spec[5:]
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("cannot open socket %s: %s", spec, e.strerror)
+                return False
+            else:
+                if not stat.S_ISSOCK(st.st_mode):
+                    log.error("cannot open socket %s: %s exists and is not a socket", spec, path)
+                    return False
+            bind_path = os.path.join(os.path.dirname(path), f".ipv6milter.{os.getpid()}")
+            milter.setconn(f"unix:{bind_path}")
+        else:
+            milter.setconn(spec)
+        old_umask = os.umask(cfg.umask)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    milter.opensocket(True)
+                    break
+                except milter.error as e:
+                    # The workers of an instance just killed may hold the port
+                    # for a few more milliseconds.
+                    if time.monotonic() < deadline and _port_busy(spec):
+                        time.sleep(0.05)
+                        continue
+                    log.error("cannot open socket %s: %s", spec, e)
+                    return False
+        finally:
+            os.umask(old_umask)
+        if bind_path is not None:
+            path = spec[5:]
+            try:
+                if cfg.user_id:
+                    # SPEC §4: owned by UserID's user and group, so an MTA in
+                    # the group can connect (UMask 007 leaves it rw for them).
+                    uid, gid = _user_ids(cfg.user_id)
+                    os.chown(bind_path, uid, gid, follow_symlinks=False)
+                os.rename(bind_path, path)
+                st = os.lstat(path)
+            except (OSError, KeyError) as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(bind_path)
+                log.error("cannot open socket %s: %s", spec, e)
+                return False
+            self._socket_path = path
+            self._socket_id = (st.st_dev, st.st_ino)
+        if not _non_blocking(spec, bind_path):
+            log.warning("listening socket for %s not found: workers may be slow to stop", spec)
+        if spec.startswith("inet"):
+            _no_delay(spec)
+        return True
+
+    def _open_metrics(self) -> bool:
+        if not self.cfg.metrics_listen:
+            return True
+        host, port = self.cfg.metrics_listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+            s.listen(16)
+            s.setblocking(False)
+        except OSError as e:
+            log.error("cannot serve metrics on %s port %d: %s", host, port, e)
+            return False
+        self._http = s
+        return True
+
+    def _start_metrics(self) -> None:
+        from .metrics import Metrics, aggregate_registry, enable_multiprocess
+
+        if self._http is not None:
+            # Private to this run; made after the switch, so the workers own it.
+            self.metrics_dir = tempfile.mkdtemp(prefix="ipv6milter-metrics.")
+            enable_multiprocess(self.metrics_dir)
+            self.registry = aggregate_registry(self.metrics_dir, lambda: self.cfg)
+            host, port = self.cfg.metrics_listen  # type: ignore[misc]
+            log.info("metrics on http://%s/metrics", _hostport(host, port))
+        self.metrics = Metrics()
+        self.metrics.loaded(self.cfg)
+
+    def run(self) -> int:
+        import Milter
+        import milter
+
+        from .preflight import Preflight, PreflightError
+
+        cfg = self.cfg
         # Handlers first: a SIGHUP must never find the default action (exit)
         # once the socket is open.
-        for sig in _SIGNALS:
+        for sig in _SIGNALS | _RELOAD | {signal.SIGCHLD}:
             signal.signal(sig, self._on_signal)
-            if not _no_defer(sig):
-                log.warning("could not set SA_NODEFER for %s: a burst of them may stop the "
-                            "milter", signal.Signals(sig).name)
-        Milter.factory = partial(Ipv6Milter, self.engine)
+        # Everything loaded now, while every file can be read (see preflight).
+        preflight = Preflight()
+        try:
+            preflight.judge(cfg)
+        except PreflightError as e:
+            log.error("the milter cannot judge a message: %s", e)
+            return 1
         # A bug that escapes our own guard defers the message, never accepts it.
         Milter.set_exception_policy(Milter.TEMPFAIL)
         _register(milter, Milter)
-        sock = cfg.socket
-        milter.setconn(sock)
-        old_umask = os.umask(cfg.umask)
-        try:
-            milter.opensocket(True)
-        except milter.error as e:
-            log.error("cannot open socket %s: %s", sock, e)
+        if not self._open_socket(milter):
             return 1
+        try:
+            return self._serve(preflight)
         finally:
-            os.umask(old_umask)
-        if sock.startswith("inet"):
-            _no_delay(sock)
+            self._cleanup()
+
+    def _serve(self, preflight: Any) -> int:
+        from .preflight import PreflightError
+
+        cfg = self.cfg
         if cfg.pid_file:
-            with open(cfg.pid_file, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-        # Bound before privileges are dropped, as the milter socket is.
-        if cfg.metrics_listen:
-            host, port = cfg.metrics_listen
             try:
-                self.engine.metrics.serve(host, port)
+                write_pid_file(cfg.pid_file, self.pid)
             except OSError as e:
-                log.error("cannot serve metrics on %s port %d: %s", host, port, e)
+                log.error("cannot write PidFile %s: %s", cfg.pid_file, e.strerror or e)
                 return 1
-            log.info("metrics on http://%s/metrics", _hostport(host, port))
+        # Bound before privileges are dropped, as the milter socket is.
+        if not self._open_metrics():
+            return 1
         if cfg.user_id:
             try:
                 _drop_privileges(cfg.user_id)
             except (KeyError, OSError) as e:
                 log.error("cannot switch to UserID %s: %s", cfg.user_id, e)
                 return 1
+            try:
+                preflight.judge(cfg)
+            except PreflightError as e:
+                log.error("after switching to UserID %s the milter cannot judge a message (%s): "
+                          "can that user read the installed package?", cfg.user_id, e)
+                return 1
         elif os.geteuid() == 0:
             log.warning("running as root: set UserID, or start as an unprivileged user")
-        loop = threading.Thread(target=self._main_loop, name="libmilter")
-        loop.start()
+        self._start_metrics()
+        n = workers_wanted(cfg)
+        self.slots = [_Slot(i + 1) for i in range(n)]
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake = (r, w)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for slot in self.slots:
+            self._spawn(slot)
         log.info(
-            "ipv6milter %s listening on %s (mode %s, AcceptDomains %s)",
-            __version__,
-            sock,
-            cfg.mode,
-            cfg.accept_domains,
+            "ipv6milter %s listening on %s (mode %s, AcceptDomains %s, %d worker%s)",
+            __version__, cfg.socket, cfg.mode, cfg.accept_domains, n, "" if n == 1 else "s",
         )
-        try:
-            while loop.is_alive():
-                loop.join()  # interrupted by each signal; its handler runs here
-        finally:
-            self.engine.shutdown()
-            if cfg.pid_file:
-                with contextlib.suppress(OSError):
-                    os.unlink(cfg.pid_file)
+        self._loop()
+        self._stop_workers()
         if self.failure:
-            log.error("milter main loop failed: %s", self.failure)
+            log.error("%s", self.failure)
             return 1
         log.info("stopped")
         return 0
+
+    def _spawn(self, slot: _Slot) -> None:
+        if threading.active_count() != 1:
+            log.warning("forking with %d threads running", threading.active_count())
+        for h in logging.getLogger().handlers:
+            h.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 70
+            try:
+                code = self._child(slot)
+            except BaseException:
+                log.exception("worker %d failed", slot.number)
+            finally:
+                for h in logging.getLogger().handlers:
+                    with contextlib.suppress(Exception):
+                        h.flush()
+                # Never back into the parent's code; and no exit handler may
+                # touch what the parent still owns.
+                os._exit(code)
+        slot.pid = pid
+        slot.started = time.monotonic()
+
+    def _child(self, slot: _Slot) -> int:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+        if self._http is not None:
+            self._http.close()
+        # Die with the parent: a SIGKILLed parent must not leave workers
+        # serving a socket nobody supervises (and blocking a restart's bind).
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.pid:
+            return 1
+        _prctl(_PR_SET_NAME, f"ipv6milter-w{slot.number}".encode())
+        return Worker(self.path, self.cfg, slot.number).run()
+
+    def _loop(self) -> None:
+        assert self._wake is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake[0], selectors.EVENT_READ, "wake")
+        if self._http is not None:
+            sel.register(self._http, selectors.EVENT_READ, "http")
+        server = types.SimpleNamespace(registry=getattr(self, "registry", None))
+        while True:
+            flags, self._flags = self._flags, set()
+            if flags & _STOP:
+                log.info("%s received, stopping", signal.Signals(min(flags & _STOP)).name)
+                return
+            self._reap()
+            if self.failure:
+                return
+            if flags & _RELOAD:
+                self.reload()
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.pid is None and slot.due <= now:
+                    self._spawn(slot)
+            waiting = [s.due - now for s in self.slots if s.pid is None]
+            timeout = max(0.0, min(waiting)) if waiting else None
+            for key, _ in sel.select(timeout):
+                if key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        while os.read(self._wake[0], 512):
+                            pass
+                elif key.data == "http":
+                    self._serve_metrics(server)
+
+    def _serve_metrics(self, server: Any) -> None:
+        assert self._http is not None
+        try:
+            conn, addr = self._http.accept()
+        except OSError:
+            return
+        try:
+            conn.setblocking(True)
+            _MetricsHandler(conn, addr, server)
+        except OSError as e:
+            log.debug("metrics request from %s: %s", addr, e)
+        finally:
+            conn.close()
+
+    def _reap(self) -> None:
+        from .metrics import process_dead
+
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.metrics_dir:
+                process_dead(pid, self.metrics_dir)
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            slot.pid = None
+            lived = time.monotonic() - slot.started
+            how = (f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+                   if os.WIFSIGNALED(status) else f"exited with status {os.WEXITSTATUS(status)}")
+            slot.quick_deaths = slot.quick_deaths + 1 if lived < _QUICK_DEATH else 0
+            if slot.quick_deaths >= _MAX_QUICK_DEATHS:
+                self.failure = (f"worker {slot.number} {how} {slot.quick_deaths} times in a row "
+                                f"right after its start; giving up")
+                return
+            delay = 0.0 if slot.quick_deaths == 0 else min(30.0, 0.5 * 2 ** (slot.quick_deaths - 1))
+            slot.due = time.monotonic() + delay
+            log.warning("worker %d (pid %d) %s after %.1f s; starting another%s", slot.number,
+                        pid, how, lived, f" in {delay:g} s" if delay else "")
+
+    def reload(self) -> None:
+        old = self.cfg
+        try:
+            new = load(self.path)
+        except ConfigError as e:
+            for line in e.errors:
+                log.error("reload failed, keeping the running configuration: %s", line)
+            self.metrics.reloads.labels("failed").inc()
+            return
+        restart_only = [
+            k.name
+            for k in config.KEYS
+            if k.attr in ("socket", "user_id", "umask", "pid_file", "metrics_listen", "workers")
+            and getattr(new, k.attr) != getattr(old, k.attr)
+        ]
+        if restart_only:
+            log.warning("reload: %s change(s) need a restart to apply", ", ".join(restart_only))
+        setup_logging(new)
+        self.cfg = new
+        self.metrics.loaded(new)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("configuration reloaded from %s", new.source or "built-in defaults")
+        for slot in self.slots:
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGHUP)
+
+    def _stop_workers(self) -> None:
+        """SIGTERM to every worker; SIGKILL to any still there after the grace time."""
+        for slot in self.slots:
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE
+        killed = False
+        while True:
+            while True:
+                try:
+                    pid, _status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                    for slot in self.slots:
+                        slot.pid = None
+                if pid == 0:
+                    break
+                for slot in self.slots:
+                    if slot.pid == pid:
+                        slot.pid = None
+            live = [s for s in self.slots if s.pid is not None]
+            if not live:
+                return
+            if not killed and time.monotonic() > deadline:
+                for slot in live:
+                    log.warning("worker %d (pid %d) did not stop; killing it",
+                                slot.number, slot.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.pid, signal.SIGKILL)  # type: ignore[arg-type]
+                killed = True
+            time.sleep(0.02)  # SIGCHLD would wake a select; a short poll is as good here
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self._socket_path and self._socket_id:
+            try:
+                st = os.lstat(self._socket_path)
+                if (st.st_dev, st.st_ino) == self._socket_id:
+                    os.unlink(self._socket_path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("cannot remove socket %s: %s", self._socket_path, e.strerror)
+        if self.cfg.pid_file:
+            remove_pid_file(self.cfg.pid_file, self.pid)
+        if self.metrics_dir:
+            with contextlib.suppress(OSError):
+                for name in os.listdir(self.metrics_dir):
+                    os.unlink(os.path.join(self.metrics_dir, name))
+                os.rmdir(self.metrics_dir)
+
+
+def _port_busy(spec: str) -> bool:
+    """Is an inet socket's address in use (so that binding again soon may work)?"""
+    if spec.startswith("unix:"):
+        return False
+    family = socket.AF_INET6 if spec.startswith("inet6") else socket.AF_INET
+    port = int(spec.split(":", 1)[1].split("@", 1)[0])
+    host = spec.split("@", 1)[1] if "@" in spec else ""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    return False
 
 
 def _register(milter, Milter) -> None:  # type: ignore[no-untyped-def]

@@ -139,17 +139,51 @@ def parse_bool(value: str) -> bool:
 
 
 def parse_socket(value: str) -> str:
-    m = re.fullmatch(r"(inet6?):(\d+)(?:@(\S+))?", value)
+    """libmilter's socket: what ``milter.opensocket`` really accepts.
+
+    ``inet:`` binds IPv4 only: an IPv4 address (bare or in brackets) or a
+    host name with an A record; ``inet6:`` binds IPv6 only: an IPv6 address
+    (bare or in brackets) or a host name with an AAAA record.  libmilter
+    refuses ``inet:PORT@::1`` and ``inet6:PORT@127.0.0.1`` only when the
+    daemon starts, so ``-n`` refuses them here.
+    """
+    m = re.fullmatch(r"(inet6?):(\d+)(?:@(\S+))?", value, re.IGNORECASE)
     if m:
+        family = m.group(1).lower()
         port = int(m.group(2))
         if not 0 < port < 65536:
             raise ValueProblem(f"port out of range in {value!r}")
-        host = (m.group(3) or ("::1" if m.group(1) == "inet6" else "localhost")).strip("[]")
-        return f"{m.group(1)}:{port}@{host}"
-    m = re.fullmatch(r"(?:unix|local):(/\S+)", value)
+        raw = m.group(3) or ("::1" if family == "inet6" else "localhost")
+        host = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+        try:
+            addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+            if ":" in host or "[" in host or "]" in host:
+                raise ValueProblem(f"not an address or host name: {raw!r} in {value!r}") from None
+        if family == "inet" and addr is not None and addr.version == 6:
+            raise ValueProblem(
+                f"inet: takes an IPv4 address or a host name; for {host} write "
+                f"inet6:{port}@{host}")
+        if family == "inet6" and addr is not None and addr.version == 4:
+            raise ValueProblem(
+                f"inet6: takes an IPv6 address or a host name; for {host} write "
+                f"inet:{port}@{host}")
+        return f"{family}:{port}@{host}"
+    m = re.fullmatch(r"(?:unix|local):(/\S+)", value, re.IGNORECASE)
     if m:
+        # sun_path holds 108 bytes, the final NUL included.
+        if len(m.group(1).encode()) > 107:
+            raise ValueProblem(f"a unix socket path is at most 107 bytes: {value!r}")
         return f"unix:{m.group(1)}"
     raise ValueProblem(f"expected inet:PORT@HOST, inet6:PORT@HOST or unix:/path, got {value!r}")
+
+
+def parse_workers(value: str) -> int:
+    """``auto`` (0: one per usable CPU, decided at start) or a number."""
+    if value.lower() == "auto":
+        return 0
+    return int(_number(int, 1, 256)(value))
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -319,6 +353,7 @@ KEYS: tuple[Key, ...] = (
     Key("Syslog", "syslog", parse_bool, "also log to syslog"),
     Key("LogLevel", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Key("MetricsListen", "metrics_listen", parse_metrics, "Prometheus endpoint"),
+    Key("Workers", "workers", parse_workers, "processes serving the socket (auto: one per CPU)"),
 )
 _BY_NAME = {k.name.lower(): k for k in KEYS}
 
@@ -350,6 +385,7 @@ class Config:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     source: str | None = None  # the file this came from, for messages
+    workers: int = 0  # 0: auto, one per usable CPU
 
     @property
     def monitor(self) -> bool:
@@ -441,6 +477,8 @@ def _show(attr: str, v: Any) -> str:
         return ", ".join(_hostport(h, p) for h, p in v)
     if attr == "metrics_listen":
         return _hostport(*v)
+    if attr == "workers":
+        return str(v) if v else "auto"
     if isinstance(v, tuple):
         return ", ".join(str(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)

@@ -3,16 +3,26 @@
 Counting is always on and cheap; the HTTP endpoint is served only when
 ``MetricsListen`` is set.  Every name and label is documented in
 docs/metrics.md.
+
+With worker processes (``Workers``) every process counts into files of its
+own in a private directory (prometheus-client's multiprocess mode) and the
+supervising parent serves one view summed over all of them: a scrape sees
+one target whatever the number of workers, and the counts of a worker that
+died stay in the sums.  ``ipv6milter_connections_in_flight`` counts live
+workers only; the configuration's digest comes from the parent, which
+checked the file the workers reloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, values
+from prometheus_client.core import InfoMetricFamily, Metric
 
 from .config import Config, describe
 from .model import Verdict
@@ -41,7 +51,8 @@ class Metrics:
             "ipv6milter_transactions", "Mail transactions (MAIL FROM) by scope", ["scope"],
             registry=r)
         self.in_flight = Gauge(
-            "ipv6milter_connections_in_flight", "SMTP connections open now", registry=r)
+            "ipv6milter_connections_in_flight", "SMTP connections open now", registry=r,
+            multiprocess_mode="livesum")
         self.decisions = Counter(
             "ipv6milter_decisions",
             "Policy decisions by stage (rcpt, eom) and reply; in monitor mode the reply "
@@ -94,3 +105,58 @@ class Metrics:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=host, registry=self.registry)
+
+
+# -- one view over worker processes ------------------------------------------------------
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(path: str) -> None:
+    """Count into files under ``path`` from now on, in this process and its children.
+
+    prometheus-client chooses how values are stored when it is first
+    imported; the milter imports it before it knows whether it will fork
+    (everything is loaded before privileges are dropped), so the choice is
+    made again here, before any metric exists.
+    """
+    os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.get_value_class()
+
+
+def process_dead(pid: int, path: str) -> None:
+    """A worker is gone: its live gauges (in flight) leave the sums, its counts stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)
+
+
+class _ConfigInfo:
+    """``ipv6milter_config_info`` from the supervisor's view of the configuration
+    (an Info metric is not shared between processes)."""
+
+    def __init__(self, current: Callable[[], Config]):
+        self.current = current
+
+    def collect(self) -> Iterable[Metric]:
+        cfg = self.current()
+        m = InfoMetricFamily(
+            "ipv6milter_config", "The configuration in use: its digest and source")
+        m.add_metric([], {"hash": config_hash(cfg), "source": cfg.source or "built-in"})
+        yield m
+
+
+def aggregate_registry(path: str, current: Callable[[], Config]) -> CollectorRegistry:
+    """The registry a supervisor serves: every process's files summed, plus the config."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    registry.register(_ConfigInfo(current))  # type: ignore[arg-type]
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -83,6 +83,7 @@ def test_every_key_of_the_spec_is_known():
         "Syslog",
         "LogLevel",
         "MetricsListen",
+        "Workers",
     }
     assert {k.name for k in config.KEYS} == documented
 
@@ -644,6 +645,7 @@ def test_describe_defaults():
         "Syslog no",
         "LogLevel info",
         "MetricsListen -",
+        "Workers auto",
     ]
 
 
