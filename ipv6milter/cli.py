@@ -42,6 +42,7 @@ import ctypes.util
 import errno
 import grp
 import http.server
+import importlib
 import logging
 import logging.handlers
 import os
@@ -553,7 +554,10 @@ class Daemon:
         # once the socket is open.
         for sig in _SIGNALS | _RELOAD | {signal.SIGCHLD}:
             signal.signal(sig, self._on_signal)
-        # Everything loaded now, while every file can be read (see preflight).
+        # Everything loaded now, while every file can be read (see preflight),
+        # our own modules included: the workers import nothing after the switch.
+        for name in (".engine", ".milter"):
+            importlib.import_module(name, __package__)
         preflight = Preflight()
         try:
             preflight.judge(cfg)
