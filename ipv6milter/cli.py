@@ -55,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -239,14 +238,6 @@ def _user_ids(user_id: str) -> tuple[int, int]:
     return pw.pw_uid, gid
 
 
-def _drop_privileges(user_id: str) -> None:
-    uid, gid = _user_ids(user_id)
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    log.info("running as %s (uid %d, gid %d)", user_id.partition(":")[0], uid, gid)
-
-
 def write_pid_file(path: str, pid: int) -> None:
     """Write ``pid`` to ``path``, never through a symbolic link.
 
@@ -401,15 +392,19 @@ _STOP_GRACE = 15.0
 
 @dataclass
 class _Slot:
-    number: int
+    number: int  # 1..Workers; 0 is the metrics server
     pid: int | None = None
     started: float = 0.0
     quick_deaths: int = 0
     due: float = 0.0  # when to start the next one
 
+    @property
+    def name(self) -> str:
+        return f"worker {self.number}" if self.number else "metrics server"
+
 
 class _MetricsHandler(http.server.BaseHTTPRequestHandler):
-    timeout = 2.0  # a slow client holds the parent's loop at most this long
+    timeout = 2.0  # a slow client holds the metrics process at most this long
 
     def do_GET(self) -> None:
         from .metrics import exposition
@@ -428,14 +423,69 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
         log.debug("metrics: " + format, *args)
 
 
+class _MetricsServer:
+    """The process that serves ``/metrics``: every process's counts summed.
+
+    A process of its own, running as ``UserID``: the parent stays free of
+    threads and of network input, and a worker busy with a hostile message
+    does not hold up a scrape.
+    """
+
+    def __init__(self, path: str | None, cfg: Config, listener: socket.socket, directory: str):
+        from .metrics import aggregate_registry
+
+        self.path = path
+        self.cfg = cfg
+        self.listener = listener
+        self.registry = aggregate_registry(directory, lambda: self.cfg)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum in _RELOAD:
+            with contextlib.suppress(ConfigError):
+                self.cfg = load(self.path)  # the parent checked it; only the digest matters
+            return
+        raise SystemExit(0)
+
+    def run(self) -> int:
+        for sig in _SIGNALS | _RELOAD:
+            signal.signal(sig, self._on_signal)
+        self.listener.setblocking(True)
+        with contextlib.suppress(SystemExit):
+            while True:
+                try:
+                    conn, addr = self.listener.accept()
+                except OSError:
+                    continue
+                try:
+                    _MetricsHandler(conn, addr, self)
+                except OSError as e:
+                    log.debug("metrics request from %s: %s", addr, e)
+                finally:
+                    conn.close()
+        return 0
+
+
+_EX_PREFLIGHT = 78  # a child that cannot judge a message after the switch
+
+
 class Daemon:
-    """The running milter: binds, drops privileges, supervises the workers."""
+    """The running milter: binds, supervises the workers.
+
+    With ``UserID`` and started as root, the parent stays root and runs
+    nothing else: no thread, no socket it reads from, no message, nothing
+    from the network (the master-process model of Postfix and nginx); every
+    process that handles input -- the workers, the metrics server -- switches
+    to ``UserID`` right after its fork.  Root is kept for one reason: to
+    remove the pid file and the unix socket at a clean stop wherever they
+    are (a /run that only root may write, a socket directory of root's).
+    """
 
     def __init__(self, path: str | None, cfg: Config):
         self.path = path
         self.cfg = cfg
         self.failure: str | None = None
         self.slots: list[_Slot] = []
+        self.metrics_slot: _Slot | None = None
         self.metrics_dir: str | None = None
         self.metrics: Any = None
         self.pid = os.getpid()
@@ -444,6 +494,7 @@ class Daemon:
         self._socket_id: tuple[int, int] | None = None
         self._http: socket.socket | None = None
         self._wake: tuple[int, int] | None = None
+        self._ids: tuple[int, int] | None = None  # UserID's uid and gid, when switching
 
     # -- signals: flags only; the loop acts on them
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -491,14 +542,13 @@ class Daemon:
         if bind_path is not None:
             path = spec[5:]
             try:
-                if cfg.user_id:
+                if self._ids:
                     # SPEC §4: owned by UserID's user and group, so an MTA in
                     # the group can connect (UMask 007 leaves it rw for them).
-                    uid, gid = _user_ids(cfg.user_id)
-                    os.chown(bind_path, uid, gid, follow_symlinks=False)
+                    os.chown(bind_path, *self._ids, follow_symlinks=False)
                 os.rename(bind_path, path)
                 st = os.lstat(path)
-            except (OSError, KeyError) as e:
+            except OSError as e:
                 with contextlib.suppress(OSError):
                     os.unlink(bind_path)
                 log.error("cannot open socket %s: %s", spec, e)
@@ -512,36 +562,37 @@ class Daemon:
         return True
 
     def _open_metrics(self) -> bool:
-        if not self.cfg.metrics_listen:
-            return True
-        host, port = self.cfg.metrics_listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind((host, port))
-            s.listen(16)
-            s.setblocking(False)
-        except OSError as e:
-            log.error("cannot serve metrics on %s port %d: %s", host, port, e)
-            return False
-        self._http = s
-        return True
+        from .metrics import Metrics, enable_multiprocess
 
-    def _start_metrics(self) -> None:
-        from .metrics import Metrics, aggregate_registry, enable_multiprocess
-
-        if self._http is not None:
-            # Private to this run; made after the switch, so the workers own it.
+        if self.cfg.metrics_listen:
+            host, port = self.cfg.metrics_listen
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((host, port))
+                s.listen(64)
+            except OSError as e:
+                log.error("cannot serve metrics on %s port %d: %s", host, port, e)
+                return False
+            self._http = s
+            # Private to this run: every process counts into its own files here.
             self.metrics_dir = tempfile.mkdtemp(prefix="ipv6milter-metrics.")
+            if self._ids:
+                os.chown(self.metrics_dir, *self._ids)
             enable_multiprocess(self.metrics_dir)
-            self.registry = aggregate_registry(self.metrics_dir, lambda: self.cfg)
-            host, port = self.cfg.metrics_listen  # type: ignore[misc]
             log.info("metrics on http://%s/metrics", _hostport(host, port))
-        self.metrics = Metrics()
-        self.metrics.loaded(self.cfg)
+        # The parent's own counts (reloads), in files the metrics server, running
+        # as UserID, must be able to read whatever the umask.
+        old_umask = os.umask(0o022)
+        try:
+            self.metrics = Metrics()
+            self.metrics.loaded(self.cfg)
+        finally:
+            os.umask(old_umask)
+        return True
 
     def run(self) -> int:
         import Milter
@@ -564,6 +615,14 @@ class Daemon:
         except PreflightError as e:
             log.error("the milter cannot judge a message: %s", e)
             return 1
+        if cfg.user_id:
+            try:
+                self._ids = _user_ids(cfg.user_id)
+            except KeyError as e:
+                log.error("cannot switch to UserID %s: %s", cfg.user_id, e)
+                return 1
+        elif os.geteuid() == 0:
+            log.warning("running as root: set UserID, or start as an unprivileged user")
         # A bug that escapes our own guard defers the message, never accepts it.
         Milter.set_exception_policy(Milter.TEMPFAIL)
         _register(milter, Milter)
@@ -575,8 +634,6 @@ class Daemon:
             self._cleanup()
 
     def _serve(self, preflight: Any) -> int:
-        from .preflight import PreflightError
-
         cfg = self.cfg
         if cfg.pid_file:
             try:
@@ -584,59 +641,87 @@ class Daemon:
             except OSError as e:
                 log.error("cannot write PidFile %s: %s", cfg.pid_file, e.strerror or e)
                 return 1
+        if self._ids and not self._probe(preflight):
+            return 1
         # Bound before privileges are dropped, as the milter socket is.
         if not self._open_metrics():
             return 1
-        if cfg.user_id:
-            try:
-                _drop_privileges(cfg.user_id)
-            except (KeyError, OSError) as e:
-                log.error("cannot switch to UserID %s: %s", cfg.user_id, e)
-                return 1
-            try:
-                preflight.judge(cfg)
-            except PreflightError as e:
-                log.error("after switching to UserID %s the milter cannot judge a message (%s): "
-                          "can that user read the installed package?", cfg.user_id, e)
-                return 1
-        elif os.geteuid() == 0:
-            log.warning("running as root: set UserID, or start as an unprivileged user")
-        self._start_metrics()
         n = workers_wanted(cfg)
         self.slots = [_Slot(i + 1) for i in range(n)]
+        if self._http is not None:
+            self.metrics_slot = _Slot(0)
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake = (r, w)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for slot in self.slots:
+        for slot in self._all_slots():
             self._spawn(slot)
         log.info(
             "ipv6milter %s listening on %s (mode %s, AcceptDomains %s, %d worker%s)",
             __version__, cfg.socket, cfg.mode, cfg.accept_domains, n, "" if n == 1 else "s",
         )
         self._loop()
-        self._stop_workers()
+        self._stop_children()
         if self.failure:
             log.error("%s", self.failure)
             return 1
         log.info("stopped")
         return 0
 
+    def _all_slots(self) -> list[_Slot]:
+        return self.slots + ([self.metrics_slot] if self.metrics_slot else [])
+
+    def _switch_user(self) -> None:
+        """In a child: UserID's ids, every one of them; then die with the parent
+        (the parent-death signal is cleared by a change of ids, so set after it)."""
+        if self._ids:
+            uid, gid = self._ids
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.pid:
+            os._exit(1)  # the parent is already gone
+
+    def _probe(self, preflight: Any) -> bool:
+        """Before any worker: one child switches to UserID and judges a message."""
+        from .preflight import PreflightError
+
+        pid = os.fork()
+        if pid == 0:
+            code = _EX_PREFLIGHT
+            try:
+                self._switch_user()
+                preflight.judge(self.cfg)
+                code = 0
+            except PreflightError as e:
+                log.error("after switching to UserID %s the milter cannot judge a message "
+                          "(%s): can that user read the installed package?", self.cfg.user_id, e)
+            except OSError as e:
+                log.error("cannot switch to UserID %s: %s", self.cfg.user_id, e)
+            finally:
+                _flush_logs()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            return False
+        uid, gid = self._ids  # type: ignore[misc]
+        log.info("workers running as %s (uid %d, gid %d)",
+                 self.cfg.user_id.partition(":")[0], uid, gid)  # type: ignore[union-attr]
+        return True
+
     def _spawn(self, slot: _Slot) -> None:
         if threading.active_count() != 1:
             log.warning("forking with %d threads running", threading.active_count())
-        for h in logging.getLogger().handlers:
-            h.flush()
+        _flush_logs()
         pid = os.fork()
-        if pid == 0:  # the worker
+        if pid == 0:  # the child
             code = 70
             try:
                 code = self._child(slot)
             except BaseException:
-                log.exception("worker %d failed", slot.number)
+                log.exception("%s failed", slot.name)
             finally:
-                for h in logging.getLogger().handlers:
-                    with contextlib.suppress(Exception):
-                        h.flush()
+                _flush_logs()
                 # Never back into the parent's code; and no exit handler may
                 # touch what the parent still owns.
                 os._exit(code)
@@ -649,23 +734,20 @@ class Daemon:
         if self._wake is not None:
             for fd in self._wake:
                 os.close(fd)
+        self._switch_user()
+        if slot.number == 0:
+            _prctl(_PR_SET_NAME, b"ipv6milter-metr")
+            assert self._http is not None and self.metrics_dir is not None
+            return _MetricsServer(self.path, self.cfg, self._http, self.metrics_dir).run()
         if self._http is not None:
             self._http.close()
-        # Die with the parent: a SIGKILLed parent must not leave workers
-        # serving a socket nobody supervises (and blocking a restart's bind).
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.pid:
-            return 1
         _prctl(_PR_SET_NAME, f"ipv6milter-w{slot.number}".encode())
         return Worker(self.path, self.cfg, slot.number).run()
 
     def _loop(self) -> None:
         assert self._wake is not None
         sel = selectors.DefaultSelector()
-        sel.register(self._wake[0], selectors.EVENT_READ, "wake")
-        if self._http is not None:
-            sel.register(self._http, selectors.EVENT_READ, "http")
-        server = types.SimpleNamespace(registry=getattr(self, "registry", None))
+        sel.register(self._wake[0], selectors.EVENT_READ)
         while True:
             flags, self._flags = self._flags, set()
             if flags & _STOP:
@@ -677,32 +759,15 @@ class Daemon:
             if flags & _RELOAD:
                 self.reload()
             now = time.monotonic()
-            for slot in self.slots:
+            for slot in self._all_slots():
                 if slot.pid is None and slot.due <= now:
                     self._spawn(slot)
-            waiting = [s.due - now for s in self.slots if s.pid is None]
+            waiting = [s.due - now for s in self._all_slots() if s.pid is None]
             timeout = max(0.0, min(waiting)) if waiting else None
-            for key, _ in sel.select(timeout):
-                if key.data == "wake":
-                    with contextlib.suppress(OSError):
-                        while os.read(self._wake[0], 512):
-                            pass
-                elif key.data == "http":
-                    self._serve_metrics(server)
-
-    def _serve_metrics(self, server: Any) -> None:
-        assert self._http is not None
-        try:
-            conn, addr = self._http.accept()
-        except OSError:
-            return
-        try:
-            conn.setblocking(True)
-            _MetricsHandler(conn, addr, server)
-        except OSError as e:
-            log.debug("metrics request from %s: %s", addr, e)
-        finally:
-            conn.close()
+            if sel.select(timeout):
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake[0], 512):
+                        pass
 
     def _reap(self) -> None:
         from .metrics import process_dead
@@ -716,7 +781,7 @@ class Daemon:
                 return
             if self.metrics_dir:
                 process_dead(pid, self.metrics_dir)
-            slot = next((s for s in self.slots if s.pid == pid), None)
+            slot = next((s for s in self._all_slots() if s.pid == pid), None)
             if slot is None:
                 continue
             slot.pid = None
@@ -725,12 +790,12 @@ class Daemon:
                    if os.WIFSIGNALED(status) else f"exited with status {os.WEXITSTATUS(status)}")
             slot.quick_deaths = slot.quick_deaths + 1 if lived < _QUICK_DEATH else 0
             if slot.quick_deaths >= _MAX_QUICK_DEATHS:
-                self.failure = (f"worker {slot.number} {how} {slot.quick_deaths} times in a row "
+                self.failure = (f"{slot.name} {how} {slot.quick_deaths} times in a row "
                                 f"right after its start; giving up")
                 return
             delay = 0.0 if slot.quick_deaths == 0 else min(30.0, 0.5 * 2 ** (slot.quick_deaths - 1))
             slot.due = time.monotonic() + delay
-            log.warning("worker %d (pid %d) %s after %.1f s; starting another%s", slot.number,
+            log.warning("%s (pid %d) %s after %.1f s; starting another%s", slot.name,
                         pid, how, lived, f" in {delay:g} s" if delay else "")
 
     def reload(self) -> None:
@@ -755,14 +820,14 @@ class Daemon:
         self.metrics.loaded(new)
         self.metrics.reloads.labels("ok").inc()
         log.info("configuration reloaded from %s", new.source or "built-in defaults")
-        for slot in self.slots:
+        for slot in self._all_slots():
             if slot.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGHUP)
 
-    def _stop_workers(self) -> None:
-        """SIGTERM to every worker; SIGKILL to any still there after the grace time."""
-        for slot in self.slots:
+    def _stop_children(self) -> None:
+        """SIGTERM to every child; SIGKILL to any still there after the grace time."""
+        for slot in self._all_slots():
             if slot.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGTERM)
@@ -774,20 +839,19 @@ class Daemon:
                     pid, _status = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
                     pid = 0
-                    for slot in self.slots:
+                    for slot in self._all_slots():
                         slot.pid = None
                 if pid == 0:
                     break
-                for slot in self.slots:
+                for slot in self._all_slots():
                     if slot.pid == pid:
                         slot.pid = None
-            live = [s for s in self.slots if s.pid is not None]
+            live = [s for s in self._all_slots() if s.pid is not None]
             if not live:
                 return
             if not killed and time.monotonic() > deadline:
                 for slot in live:
-                    log.warning("worker %d (pid %d) did not stop; killing it",
-                                slot.number, slot.pid)
+                    log.warning("%s (pid %d) did not stop; killing it", slot.name, slot.pid)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(slot.pid, signal.SIGKILL)  # type: ignore[arg-type]
                 killed = True
@@ -810,6 +874,12 @@ class Daemon:
                 for name in os.listdir(self.metrics_dir):
                     os.unlink(os.path.join(self.metrics_dir, name))
                 os.rmdir(self.metrics_dir)
+
+
+def _flush_logs() -> None:
+    for h in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
 
 
 def _port_busy(spec: str) -> bool:
