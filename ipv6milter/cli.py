@@ -362,6 +362,9 @@ class Worker:
         Milter.factory = partial(Ipv6Milter, self.engine)
         loop = threading.Thread(target=self._main_loop, name="libmilter")
         loop.start()
+        # Blocked since the fork (see Daemon._spawn); from now on this thread,
+        # and only this one, takes them.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS | _RELOAD)
         log.debug("worker %d (pid %d) serving", self.number, os.getpid())
         try:
             while loop.is_alive():
@@ -449,6 +452,7 @@ class _MetricsServer:
     def run(self) -> int:
         for sig in _SIGNALS | _RELOAD:
             signal.signal(sig, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS | _RELOAD)
         self.listener.setblocking(True)
         with contextlib.suppress(SystemExit):
             while True:
@@ -609,8 +613,8 @@ class Daemon:
         # our own modules included: the workers import nothing after the switch.
         for name in (".engine", ".milter"):
             importlib.import_module(name, __package__)
-        preflight = Preflight()
         try:
+            preflight = Preflight()
             preflight.judge(cfg)
         except PreflightError as e:
             log.error("the milter cannot judge a message: %s", e)
@@ -713,7 +717,13 @@ class Daemon:
         if threading.active_count() != 1:
             log.warning("forking with %d threads running", threading.active_count())
         _flush_logs()
+        # The child starts with our signals blocked and unblocks them once its
+        # own handlers are in place: a SIGTERM sent to a new worker is never
+        # taken by the parent's handler it inherited, and lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS | _RELOAD)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:  # the child
             code = 70
             try:

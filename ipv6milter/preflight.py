@@ -132,8 +132,11 @@ class Preflight:
     """Built before the switch (``preload`` included), run after it."""
 
     def __init__(self) -> None:
-        self.missing = preload()
-        self.zone = _WireZone()
+        try:
+            self.missing = preload()
+            self.zone = _WireZone()
+        except Exception as e:  # anything at all: the milter cannot work
+            raise PreflightError(f"{type(e).__name__}: {e}") from e
 
     def judge(self, cfg: Config) -> str:
         """Judge the synthetic message; the header on success, PreflightError otherwise."""

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import grp
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ipv6milter import __version__, cli
+from ipv6milter import __version__, cli, config
 
 BIN = shutil.which("ipv6milter", path=os.path.dirname(sys.executable)) or "ipv6milter"
 
@@ -160,30 +163,211 @@ def _status(pid: int, field: str) -> list[str]:
     raise AssertionError(field)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _workers(pid: int) -> list[int]:
+    return sorted(c for c in _children(pid)
+                  if Path(f"/proc/{c}/comm").read_text().startswith("ipv6milter-w"))
+
+
 @pytest.mark.timeout(60)
-def test_userid_drops_privileges_after_binding_and_umask_applies(tmp_path: Path) -> None:
-    # The socket directory is root's; the milter binds as root, then runs as nobody.
-    sock = tmp_path / "run" / "milter.sock"
-    sock.parent.mkdir()
+def test_userid_chowns_the_socket_workers_switch_and_both_files_go_at_stop(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # The socket directory is root's; the milter binds as root, then its
+    # workers run as nobody, and the parent (still root) cleans up.  (Not
+    # under pytest's 0700 tree: the MTA's user must reach the socket.)
+    run = Path(tempfile.mkdtemp(prefix="ipv6milter-run-"))
+    run.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(run, ignore_errors=True))
+    sock = run / "milter.sock"
+    pid_file = run / "milter.pid"
     conf = tmp_path / "ipv6milter.conf"
-    conf.write_text(f"Socket unix:{sock}\nUserID nobody:nogroup\nUMask 077\n")
+    conf.write_text(f"Socket unix:{sock}\nUserID nobody:nogroup\nUMask 007\nWorkers 2\n"
+                    f"PidFile {pid_file}\n")
     log = tmp_path / "stderr.log"
+    nogroup = grp.getgrnam("nogroup").gr_gid
     with open(log, "wb") as fh:
         p = subprocess.Popen([BIN, "-c", str(conf)], stderr=fh)
     try:
-        wait_for(lambda: "running as nobody" in log.read_text(), what="privilege drop")
-        wait_for(sock.exists, what="the unix socket")
-        assert _status(p.pid, "Uid")[:2] == ["65534", "65534"]
-        assert _status(p.pid, "Gid")[0] == str(__import__("grp").getgrnam("nogroup").gr_gid)
-        assert oct(sock.stat().st_mode & 0o777) == oct(0o700)
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(sock))  # root may still connect; the MTA's group would need 007
+        wait_for(lambda: "workers running as nobody" in log.read_text(), what="privilege drop")
+        wait_for(lambda: len(_workers(p.pid)) == 2, what="two workers")
+        for w in _workers(p.pid):
+            assert _status(w, "Uid") == ["65534"] * 4
+            assert _status(w, "Gid") == [str(nogroup)] * 4
+        # SPEC §4: owned by the user and group, rw for the group (UMask 007).
+        st = sock.stat()
+        assert (st.st_uid, st.st_gid) == (65534, nogroup)
+        assert oct(st.st_mode & 0o777) == oct(0o770)
+        assert pid_file.read_text().strip() == str(p.pid)
+        # A member of the group, as an MTA would be, connects.
+        probe = subprocess.run(
+            [sys.executable, "-c", "import os, socket; os.setgroups([]); "
+             f"os.setgid({nogroup}); os.setuid(1); s = socket.socket(socket.AF_UNIX); "
+             f"s.connect({str(sock)!r}); print('connected')"], capture_output=True, text=True)
+        assert probe.stdout.strip() == "connected", probe.stderr
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=20) == 0
+        assert p.wait(timeout=30) == 0
+        assert not sock.exists() and not pid_file.exists()
+        assert list(sock.parent.iterdir()) == []
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.mark.timeout(90)
+def test_workers_share_the_socket_a_stopped_worker_leaves_it_a_dead_one_is_replaced(
+        tmp_path: Path) -> None:
+    """libmilter removes a unix socket's path when its main loop ends (when not
+    root): a worker that stops must not take the path from the others."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chown(run, 65534, 65534)  # the user may remove the socket here
+    sock = run / "milter.sock"
+    conf = tmp_path / "ipv6milter.conf"
+    conf.write_text(f"Socket unix:{sock}\nUserID nobody:nogroup\nWorkers 2\n")
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as fh:
+        p = subprocess.Popen([BIN, "-c", str(conf)], stderr=fh)
+    try:
+        wait_for(lambda: len(_workers(p.pid)) == 2, what="two workers")
+        first, second = _workers(p.pid)
+        # Stopped cleanly, through libmilter's own stop: the path stays.
+        os.kill(first, signal.SIGTERM)
+        wait_for(lambda: first not in _workers(p.pid) and len(_workers(p.pid)) == 2,
+                 timeout=30, what="the stopped worker replaced")
+        assert sock.exists()
+        for _ in range(4):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+        assert second in _workers(p.pid)
+        # Killed: replaced as well, the other untouched.
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: second not in _workers(p.pid) and len(_workers(p.pid)) == 2,
+                 what="the killed worker replaced")
+        assert f"(pid {second}) killed by SIGKILL" in log.read_text()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
+        assert not sock.exists()
+        assert list(run.iterdir()) == []  # nor the private name it was bound at
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.timeout(60)
+def test_workers_auto_is_one_per_usable_cpu(daemon) -> None:  # type: ignore[no-untyped-def]
+    p, _port, _conf, log = daemon
+    n = len(os.sched_getaffinity(0))
+    wait_for(lambda: len(_workers(p.pid)) == n, what=f"{n} workers")
+    assert f"{n} worker" in log.read_text()
+
+
+def test_pid_file_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    link = tmp_path / "milter.pid"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match="symbolic link"):
+        cli.write_pid_file(str(link), 1234)
+    assert target.read_text() == "keep me\n"
+    # Nor into a file with a second name (a hard link to someone else's file).
+    hard = tmp_path / "hard.pid"
+    os.link(target, hard)
+    with pytest.raises(OSError, match="single name"):
+        cli.write_pid_file(str(hard), 1234)
+    assert target.read_text() == "keep me\n"
+    # A plain file: written, mode 0644 at most.
+    plain = tmp_path / "plain.pid"
+    cli.write_pid_file(str(plain), 1234)
+    assert plain.read_text() == "1234\n"
+    assert plain.stat().st_mode & 0o777 & ~0o644 == 0
+
+
+def test_the_daemon_refuses_a_symlinked_pid_file(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    (tmp_path / "milter.pid").symlink_to(target)
+    port = free_port()
+    conf = tmp_path / "ipv6milter.conf"
+    conf.write_text(f"Socket inet:{port}@127.0.0.1\nPidFile {tmp_path}/milter.pid\n")
+    p = subprocess.run([BIN, "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert f"cannot write PidFile {tmp_path}/milter.pid" in p.stderr
+    assert "symbolic link" in p.stderr
+    assert target.read_text() == "keep me\n"
+    assert not accepts(port)
+
+
+@pytest.mark.parametrize("spec, ok", [
+    ("inet:{port}@127.0.0.1", True),
+    ("inet:{port}@[127.0.0.1]", True),
+    ("inet:{port}@localhost", True),
+    ("inet6:{port}@::1", True),
+    ("inet6:{port}@[::1]", True),
+    ("inet:{port}@::1", False),
+    ("inet:{port}@[::1]", False),
+    ("inet6:{port}@127.0.0.1", False),
+    ("inet6:{port}@[127.0.0.1]", False),
+])
+def test_socket_validation_agrees_with_what_libmilter_opens(
+        spec: str, ok: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = spec.format(port=free_port())
+    f = tmp_path / "s.conf"
+    f.write_text(f"# a comment\nSocket {spec}\n")
+    assert (cli.main(["-n", "-c", str(f)]) == 0) is ok
+    if not ok:
+        err = capsys.readouterr().err
+        other = "inet6:" if spec.startswith("inet:") else "inet:"
+        assert f"{f}:2: Socket:" in err and other in err, err
+    # libmilter itself, in a process of its own (it keeps the socket in a global).
+    opened = subprocess.run(
+        [sys.executable, "-c", "import milter, sys; milter.register('t'); "
+         f"milter.setconn({spec!r}); milter.opensocket(True)"],
+        capture_output=True, text=True, timeout=30)
+    assert (opened.returncode == 0) is ok, opened.stderr
+
+
+def test_workers_key() -> None:
+    assert config.parse("Workers auto").workers == 0
+    assert config.parse("Workers 3").workers == 3
+    for bad in ("Workers 0", "Workers many", "Workers 1000"):
+        with pytest.raises(config.ConfigError, match="Workers"):
+            config.parse(bad)
+    assert cli.workers_wanted(config.parse("Workers 3")) == 3
+    assert cli.workers_wanted(config.parse("")) == len(os.sched_getaffinity(0))
+
+
+def test_a_judgement_that_cannot_work_stops_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """As after a switch to a user that cannot load dnspython's AAAA module:
+    the answer is parsed as GenericRdata, the check fails, the milter does not start."""
+    import dns.rdata
+
+    generic = dns.rdata.GenericRdata
+    real = dns.rdata.get_rdata_class
+
+    def no_aaaa(rdclass, rdtype, use_generic=True):  # type: ignore[no-untyped-def]
+        return generic if int(rdtype) == 28 else real(rdclass, rdtype, use_generic)
+
+    from ipv6milter.preflight import Preflight, PreflightError
+
+    preflight = Preflight()  # its answers made while everything loads
+    assert preflight.judge(config.Config()).startswith("preflight.invalid;")
+    monkeypatch.setattr(dns.rdata, "get_rdata_class", no_aaaa)
+    with pytest.raises(PreflightError, match="address"):
+        preflight.judge(config.Config())
+    port = free_port()
+    conf = tmp_path / "ipv6milter.conf"
+    conf.write_text(f"Socket inet:{port}@127.0.0.1\n")
+    with caplog.at_level(logging.ERROR):
+        assert cli.Daemon(str(conf), config.load(str(conf))).run() == 1
+    assert "cannot judge a message" in caplog.text
+    assert not accepts(port)
 
 
 @pytest.mark.timeout(60)
