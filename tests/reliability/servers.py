@@ -354,11 +354,17 @@ class MilterRunner:
     def status(self) -> dict[str, str]:
         return proc_status(self.pid)
 
+    def _processes(self) -> list[int]:
+        """The milter's processes: with Workers, the parent and its workers."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [self.pid, *map(int, children)]
+
     def rss_kib(self) -> int:
-        return kib(self.status()["VmRSS"])
+        """The largest process's RSS: a message is judged inside one worker."""
+        return max(kib(proc_status(p)["VmRSS"]) for p in self._processes())
 
     def hwm_kib(self) -> int:
-        return kib(self.status()["VmHWM"])
+        return max(kib(proc_status(p)["VmHWM"]) for p in self._processes())
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
