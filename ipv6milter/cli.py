@@ -707,6 +707,9 @@ class Daemon:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            if os.WIFSIGNALED(status):
+                log.error("the check as UserID %s was killed by %s", self.cfg.user_id,
+                          signal.Signals(os.WTERMSIG(status)).name)
             return False
         uid, gid = self._ids  # type: ignore[misc]
         log.info("workers running as %s (uid %d, gid %d)",
