@@ -491,6 +491,10 @@ class Daemon:
         self.slots: list[_Slot] = []
         self.metrics_slot: _Slot | None = None
         self.metrics_dir: str | None = None
+        # Held open: the directory belongs to UserID once chowned, and its path
+        # in /tmp could be swapped for a symbolic link; root only ever works
+        # on the entries of this very directory (os.unlink(name, dir_fd=...)).
+        self._metrics_fd: int | None = None
         self.metrics: Any = None
         self.pid = os.getpid()
         self._flags: set[int] = set()
@@ -584,8 +588,10 @@ class Daemon:
             self._http = s
             # Private to this run: every process counts into its own files here.
             self.metrics_dir = tempfile.mkdtemp(prefix="ipv6milter-metrics.")
+            self._metrics_fd = os.open(self.metrics_dir,
+                                       os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             if self._ids:
-                os.chown(self.metrics_dir, *self._ids)
+                os.chown(self._metrics_fd, *self._ids)
             enable_multiprocess(self.metrics_dir)
             log.info("metrics on http://%s/metrics", _hostport(host, port))
         # The parent's own counts (reloads), in files the metrics server, running
@@ -792,8 +798,8 @@ class Daemon:
                 return
             if pid == 0:
                 return
-            if self.metrics_dir:
-                process_dead(pid, self.metrics_dir)
+            if self._metrics_fd is not None:
+                process_dead(pid, self._metrics_fd)
             slot = next((s for s in self._all_slots() if s.pid == pid), None)
             if slot is None:
                 continue
@@ -882,11 +888,23 @@ class Daemon:
                     log.warning("cannot remove socket %s: %s", self._socket_path, e.strerror)
         if self.cfg.pid_file:
             remove_pid_file(self.cfg.pid_file, self.pid)
-        if self.metrics_dir:
+        if self.metrics_dir and self._metrics_fd is not None:
             with contextlib.suppress(OSError):
-                for name in os.listdir(self.metrics_dir):
-                    os.unlink(os.path.join(self.metrics_dir, name))
-                os.rmdir(self.metrics_dir)
+                for name in os.listdir(self._metrics_fd):
+                    os.unlink(name, dir_fd=self._metrics_fd)
+                parent, name = os.path.split(self.metrics_dir)
+                parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == _ids_of(os.fstat(self._metrics_fd)):
+                        os.rmdir(name, dir_fd=parent_fd)
+                finally:
+                    os.close(parent_fd)
+            os.close(self._metrics_fd)
+
+
+def _ids_of(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _flush_logs() -> None:

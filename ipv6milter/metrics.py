@@ -15,6 +15,7 @@ checked the file the workers reloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -124,11 +125,19 @@ def enable_multiprocess(path: str) -> None:
     values.ValueClass = values.get_value_class()
 
 
-def process_dead(pid: int, path: str) -> None:
-    """A worker is gone: its live gauges (in flight) leave the sums, its counts stay."""
-    from prometheus_client import multiprocess
+_LIVE_MODES = ("liveall", "livesum", "livemin", "livemax", "livemostrecent")
 
-    multiprocess.mark_process_dead(pid, path)
+
+def process_dead(pid: int, directory: int) -> None:
+    """A worker is gone: its live gauges (in flight) leave the sums, its counts stay.
+
+    What prometheus-client's ``mark_process_dead`` does, on the directory open
+    as ``directory`` (a descriptor): the supervisor may be root and the
+    directory the workers' own.
+    """
+    for mode in _LIVE_MODES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"gauge_{mode}_{pid}.db", dir_fd=directory)
 
 
 class _ConfigInfo:

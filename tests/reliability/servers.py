@@ -355,12 +355,13 @@ class MilterRunner:
         return proc_status(self.pid)
 
     def _processes(self) -> list[int]:
-        """The milter's processes: with Workers, the parent and its workers."""
+        """The processes that judge mail: with Workers, the workers (the parent only
+        supervises); a message is judged inside one of them."""
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        return [self.pid, *map(int, children)]
+        return [int(c) for c in children] or [self.pid]
 
     def rss_kib(self) -> int:
-        """The largest process's RSS: a message is judged inside one worker."""
+        """The largest worker's RSS."""
         return max(kib(proc_status(p)["VmRSS"]) for p in self._processes())
 
     def hwm_kib(self) -> int:

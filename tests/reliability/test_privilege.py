@@ -224,16 +224,19 @@ ALLOWED_WRITES = {
     ("cli.py", "os.unlink", "path"),  # the PidFile, if it still names us
     ("cli.py", "os.unlink", "bind_path"),  # the socket's private name, if renaming failed
     ("cli.py", "os.unlink", "self._socket_path"),  # the socket, at a clean stop
-    ("cli.py", "os.unlink", "os.path.join(self.metrics_dir, name)"),
+    ("cli.py", "os.unlink", "name"),  # the metrics files, by the directory's descriptor
+    ("metrics.py", "os.unlink", "f'gauge_{mode}_{pid}.db'"),  # a dead worker's live gauges
 }
 ALLOWED_PRIVILEGED = {
     ("cli.py", "import tempfile"),  # mkdtemp for the metrics directory
     ("cli.py", "os.open(path)"),  # the PidFile: written, then read back before removal
-    ("cli.py", "os.fork()"),
+    ("cli.py", "os.open(self.metrics_dir)"),  # held, O_NOFOLLOW: root works only inside it
+    ("cli.py", "os.open(parent)"),  # the metrics directory's parent, to remove it
+    ("cli.py", "os.fork()"),  # the workers, the metrics server, the check as UserID
     ("cli.py", "os.rename(bind_path)"),
     ("cli.py", "os.chown(bind_path)"),  # the socket, to UserID (SPEC §4)
-    ("cli.py", "os.chown(self.metrics_dir)"),  # made by root, for UserID's processes
-    ("cli.py", "os.rmdir(self.metrics_dir)"),
+    ("cli.py", "os.chown(self._metrics_fd)"),  # made by root, for UserID's processes
+    ("cli.py", "os.rmdir(name)"),  # the metrics directory, at the stop
 }
 
 
