@@ -76,8 +76,11 @@ class Metrics:
                              ("eom", "4.4.3"), ("eom", "internal-error")):
             self.decisions.labels(stage, reply, cfg.mode)
 
-    def decision(self, stage: str, verdict: Verdict) -> None:
-        self.decisions.labels(stage, reply_label(verdict), verdict.mode).inc()
+    def decision(self, stage: str, verdict: Verdict, mode: str) -> None:
+        """``mode`` is the configured one; a refusal carries its own (a client
+        outside EnforceShare is handled as in monitor mode)."""
+        label = verdict.mode if verdict.reply is not None else mode
+        self.decisions.labels(stage, reply_label(verdict), label).inc()
 
     def cache(self, hit: bool) -> None:
         self.dns_cache.labels("hit" if hit else "miss").inc()
