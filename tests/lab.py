@@ -757,11 +757,13 @@ def run_postfix(
     greet_hosts: tuple[str, ...] = LOOPBACKS,
     prefix: str = "ipv6milter-postfix-",
     files: Mapping[str, str] | None = None,
+    master_cf: str = "",
 ) -> Iterator[Postfix]:
     """A Postfix of its own with ``main_cf`` (over ``base_main_cf``'s kind of
     settings; the directories are added here) and one smtpd listener per
     service, each with its ``-o name=value`` options; ``files`` are written
-    into its config directory first (lookup tables: ``cidr:{config_dir}/NAME``).
+    into its config directory first (lookup tables: ``cidr:{config_dir}/NAME``);
+    ``master_cf`` lines are appended to master.cf (e.g. a second cleanup service).
 
     The instance lives in a directory of its own under /tmp, not under
     pytest's: Postfix opens data_directory files as its mail_owner, so the
@@ -788,7 +790,8 @@ def run_postfix(
             opts = {**options, "syslog_name": f"postfix/{name}"}
             lines.append(f"{ports[name]} inet n - n - - smtpd"
                          + "".join(f" -o {k}={v}" for k, v in opts.items()))
-        (etc / "master.cf").write_text(MASTER_CF.format(smtpd_services="\n".join(lines)))
+        (etc / "master.cf").write_text(
+            MASTER_CF.format(smtpd_services="\n".join(lines)) + master_cf)
         settings = {
             "queue_directory": str(queue),
             "data_directory": str(data),

@@ -309,6 +309,7 @@ def run_postfix(
     service_options: Mapping[str, Mapping[str, str]] | None = None,
     main_cf: Mapping[str, str] | None = None,
     files: Mapping[str, str] | None = None,
+    master_cf: str = "",
 ) -> Iterator[PostfixInstance]:
     """A Postfix of its own (config, queue and data directories of its own),
     relaying everything to the sink; one smtpd service per entry of
@@ -320,7 +321,8 @@ def run_postfix(
     loopback and the XCLIENT test ranges; ``xclient_hosts`` may use
     XCLIENT besides loopback.  ``service_options`` adds ``-o`` options to a
     service, ``main_cf`` settings to main.cf, ``files`` files to its config
-    directory (``cidr:{config_dir}/NAME`` lookup tables).
+    directory (``cidr:{config_dir}/NAME`` lookup tables), ``master_cf``
+    lines to master.cf.
     """
     settings = {
         **lab.base_main_cf(AUTHSERV_ID, "test.example"),
@@ -342,5 +344,6 @@ def run_postfix(
         name: {"smtpd_milters": spec, **(service_options or {}).get(name, {})}
         for name, spec in milters.items()
     }
-    with lab.run_postfix(keep_dir, settings, services, files=files) as instance:
+    with lab.run_postfix(keep_dir, settings, services, files=files,
+                         master_cf=master_cf) as instance:
         yield instance

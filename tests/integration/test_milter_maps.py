@@ -1,13 +1,16 @@
 """Postfix scoping: ``smtpd_milter_maps`` with a cidr table that sends only
 IPv6 clients through ipv6milter (Postfix >= 3.2; docs/admin-guide.md).
 
-One Postfix with two smtpd listeners on the same milter: ``mapped`` has the
-map, ``plain`` has not (the control: there an IPv4 client does reach the
-milter, so the assertions below could fail).  Whether the milter saw a
-client is read from its metrics (``ipv6milter_transactions_total`` by scope,
-counted at MAIL FROM, before Postfix's reply to DATA) and from its decision
-log (one ``stage=eom`` line per message, IPv4 ones included), each message
-tagged by a HELO name of its own.
+One Postfix with three smtpd listeners on the same milter: ``mapped`` has
+the map, ``plain`` has not (the control: there an IPv4 client does reach the
+milter, so the assertions below could fail), ``mapped_hc`` has the map and a
+cleanup service whose header_checks drop Authentication-Results fields that
+claim our authserv-id (what the milter would have removed for IPv4 clients).
+Whether the milter saw a client is read from its metrics
+(``ipv6milter_transactions_total`` by scope, counted at MAIL FROM, before
+Postfix's reply to DATA) and from its decision log (one ``stage=eom`` line
+per message, IPv4 ones included), each message tagged by a HELO name of its
+own.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ MAP_FILE = "ipv6-only.cidr"
 # Every IPv4 client, and an IPv4-mapped IPv6 address should one ever be
 # presented, skips the milters; IPv6 clients fall through to smtpd_milters.
 IPV6_ONLY = "0.0.0.0/0 DISABLE\n::ffff:0:0/96 DISABLE\n"
+# What the milter removes from every client not in TrustedHosts, for the
+# clients that no longer reach it (header_checks do not see milter headers).
+HC_FILE = "forged-ar.regexp"
+FORGED_AR = "/^Authentication-Results:[[:space:]]*{id}[[:space:]]*;/ IGNORE\n".format(
+    id=AUTHSERV_ID.replace(".", "\\."))
+CLEANUP_HC = ("cleanup_hc unix n - n - 0 cleanup"
+              f" -o header_checks=regexp:$config_directory/{HC_FILE}\n")
 SENDER = "sender@example.com"
 RCPT = "someone@example.com"
 
@@ -78,9 +88,14 @@ def scoped(
     with run_postfix(
         tmp_path_factory.mktemp("postfix-maps"),
         sink.port,
-        {"mapped": m.socket_spec, "plain": m.socket_spec},
-        service_options={"mapped": {"smtpd_milter_maps": f"cidr:$config_directory/{MAP_FILE}"}},
-        files={MAP_FILE: IPV6_ONLY},
+        {"mapped": m.socket_spec, "plain": m.socket_spec, "mapped_hc": m.socket_spec},
+        service_options={
+            "mapped": {"smtpd_milter_maps": f"cidr:$config_directory/{MAP_FILE}"},
+            "mapped_hc": {"smtpd_milter_maps": f"cidr:$config_directory/{MAP_FILE}",
+                          "cleanup_service_name": "cleanup_hc"},
+        },
+        files={MAP_FILE: IPV6_ONLY, HC_FILE: FORGED_AR},
+        master_cf=CLEANUP_HC,
     ) as pf:
         yield Scoped(pf, m, port)
 
@@ -89,13 +104,15 @@ def _helo() -> str:
     return f"h{uuid.uuid4().hex[:12]}.example.com"
 
 
-def _ipv4_message(scoped: Scoped, service: str, sink: Sink) -> tuple[str, bytes]:
+def _ipv4_message(scoped: Scoped, service: str, sink: Sink,
+                  extra_headers: tuple[str, ...] = ()) -> tuple[str, bytes]:
     """A real IPv4 client (127.0.0.1, no XCLIENT); its HELO name and the
     message as delivered."""
     mark, helo = marker(), _helo()
     out = transaction(scoped.postfix.port(service), host="127.0.0.1", helo=helo,
                       mail_from=SENDER, rcpts=[RCPT],
-                      message=make_message(mark, from_addr=SENDER, to=RCPT))
+                      message=make_message(mark, from_addr=SENDER, to=RCPT,
+                                           extra_headers=extra_headers))
     assert out.accepted, out
     return helo, sink.wait_for(mark).data
 
@@ -182,3 +199,38 @@ def test_the_map_applies_to_the_address_xclient_presents(scoped: Scoped, sink: S
     assert scoped.transactions("ipv4") == before + 1
     lines = scoped.eom_lines(helo)
     assert len(lines) == 1 and "client=192.0.2.10" in lines[0], lines
+
+
+FORGED = f"Authentication-Results: {AUTHSERV_ID}; spf=pass smtp.mailfrom=forged@example.com"
+
+
+def _ours(raw: bytes) -> list[str]:
+    return [v for v in auth_results(raw) if v.lower().startswith(AUTHSERV_ID + ";")]
+
+
+def test_with_the_map_a_forged_header_from_ipv4_is_no_longer_removed(
+    scoped: Scoped, sink: Sink
+) -> None:
+    """The price of the map: the milter removes fields that claim our
+    authserv-id from every client not trusted, IPv4 ones included; a client
+    the map keeps away keeps its forgery, unless header_checks remove it."""
+    _, raw = _ipv4_message(scoped, "plain", sink, (FORGED,))
+    assert _ours(raw) == []  # the milter removed it
+    _, raw = _ipv4_message(scoped, "mapped", sink, (FORGED,))
+    assert len(_ours(raw)) == 1 and "forged@example.com" in _ours(raw)[0]
+    _, raw = _ipv4_message(scoped, "mapped_hc", sink, (FORGED,))
+    assert _ours(raw) == []  # header_checks removed it
+
+
+def test_header_checks_leave_the_milters_own_header(scoped: Scoped, sink: Sink) -> None:
+    """IPv6 through the map and those header_checks: the forgery is dropped,
+    the milter's own field (added after header_checks ran) is delivered."""
+    mark = marker()
+    out = transaction(scoped.postfix.port("mapped_hc"), host="::1", addr=GOOD_IP,
+                      name="mail.example.com", mail_from=SENDER, rcpts=[RCPT],
+                      message=make_message(mark, from_addr=SENDER, to=RCPT,
+                                           extra_headers=(FORGED,)))
+    assert out.accepted, out
+    ours = _ours(sink.wait_for(mark).data)
+    assert len(ours) == 1 and "forged" not in ours[0], ours
+    assert {r.method for r in parse_ar(ours[0]).results} >= {"iprev", "spf"}
