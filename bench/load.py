@@ -194,19 +194,29 @@ class MemorySampler:
     """Samples the summed RSS and PSS of every process of ``roots``' trees
     every ``interval`` seconds while a run goes on (VmHWM is per process: a
     prefork milter's total needs sampling).  PSS counts the pages a forked
-    worker shares with its parent once; RSS counts them in every process."""
+    worker shares with its parent once; RSS counts them in every process.
+    The trees are looked up again every ``rescan`` seconds (a scan of /proc
+    costs ~2 ms; reading one process's figures ~0.03 ms)."""
 
-    def __init__(self, roots: Callable[[], list[int]], interval: float = 0.1):
+    def __init__(self, roots: Callable[[], list[int]], interval: float = 0.1,
+                 rescan: float = 1.0):
         self.roots = roots
         self.interval = interval
+        self.rescan = rescan
         self.peak_rss_kib = 0
         self.peak_pss_kib = 0
         self.max_procs = 0
+        self._pids: list[int] = []
+        self._scanned = -float("inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def sample(self) -> None:
-        pids = [p for r in self.roots() for p in tree_pids(r)]
+    def sample(self, rescan: bool = False) -> None:
+        now = time.monotonic()
+        if rescan or now - self._scanned >= self.rescan:
+            self._pids = [p for r in self.roots() for p in tree_pids(r)]
+            self._scanned = now
+        pids = self._pids
         self.max_procs = max(self.max_procs, len(pids))
         self.peak_rss_kib = max(self.peak_rss_kib, sum(rss_kib(p) for p in pids))
         self.peak_pss_kib = max(self.peak_pss_kib, sum(pss_kib(p) for p in pids))
@@ -223,7 +233,7 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
-        self.sample()
+        self.sample(rescan=True)
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         exp_confs = [c for c in live if c.experiment]
         scoping_confs = [c for c in live if c.scoping]
         counts = measure(bench, main_confs, cells, args.rounds, args.seconds,
-                         args.latency_count, "main")
+                         args.latency_count, "main") if main_confs else {}
         if scoping_confs:
             measure(bench, scoping_confs, scoping_cells, args.rounds, args.seconds,
                     args.latency_count, "scoping")
