@@ -20,6 +20,7 @@ from pathlib import Path
 import dkim
 
 from tests.lab import (  # noqa: F401  (re-exported)
+    CLK_TCK,
     cpu_seconds,
     peak_rss_kib,
     pss_kib,

@@ -26,7 +26,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tests import lab
-from tests.lab import Knot, Started, free_port, kib, proc_status  # noqa: F401  (re-exported)
+from tests.lab import (  # noqa: F401  (re-exported: tests import them from here)
+    Knot,
+    Started,
+    free_port,
+    kib,
+    log_tail,
+    milter_command,
+    proc_status,
+    tcp_open,
+    wait_until,
+    zone_file,
+    zone_ready,
+)
+from tests.lab import LabError as HarnessError  # noqa: F401
 
 # -- a DNS relay that can be slowed down or switched off ---------------------------------
 
