@@ -403,6 +403,7 @@ def summarise_profile(raw: str, top: int = 25) -> dict[str, Any]:
     cat_own: Counter[str] = Counter()
     callbacks: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    procs: Counter[str] = Counter()
     n = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -411,6 +412,7 @@ def summarise_profile(raw: str, top: int = 25) -> dict[str, Any]:
         c = int(count)
         frames = stack.split(";")
         if frames and frames[0].startswith("process "):  # py-spy --subprocesses
+            procs[frames[0].split(":", 1)[0]] += c
             frames = frames[1:]
             if not frames:
                 continue
@@ -452,6 +454,7 @@ def summarise_profile(raw: str, top: int = 25) -> dict[str, Any]:
         "categories": [(k, v, pct(v)) for k, v in cat_own.most_common()],
         "callbacks": [(k, v, pct(v)) for k, v in callbacks.most_common()],
         "threads": [(k, v, pct(v)) for k, v in threads.most_common(8)],
+        "processes": [(k, v, pct(v)) for k, v in procs.most_common()],
     }
 
 
@@ -521,7 +524,8 @@ def profile_markdown(prof: dict[str, Any], top: int = 15) -> list[str]:
     lines = [
         "## Profile of ipv6milter (py-spy, 4 KB, c=8)",
         "",
-        f"{prof['samples']} samples of the thread holding the GIL (py-spy --gil, 250 Hz) during"
+        f"{prof['samples']} samples of the thread holding the GIL of each process (py-spy --gil"
+        " --subprocesses, 250 Hz) during"
         f" {run.get('count', '?')} messages ({run.get('rate', 0):.0f}/s under the sampler);"
         " raw stacks in bench/profile-ipv6milter.txt (collapsed format: flamegraph.pl,"
         " speedscope).",
@@ -532,6 +536,10 @@ def profile_markdown(prof: dict[str, Any], top: int = 15) -> list[str]:
         "|---|---:|",
     ]
     lines += [f"| {k} | {p}% |" for k, _, p in prof["categories"]]
+    if len(prof.get("processes", [])) > 1:
+        lines += ["", "By process (a prefork parent and its workers):", "",
+                  "| process | share |", "|---|---:|"]
+        lines += [f"| {k} | {p}% |" for k, _, p in prof["processes"]]
     lines += ["", "By thread group:", "", "| threads | share |", "|---|---:|"]
     lines += [f"| {k} | {p}% |" for k, _, p in prof.get("threads", [])]
     lines += ["", "Total time by milter callback (and the checks run in the pool):", "",
