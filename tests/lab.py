@@ -399,6 +399,19 @@ class Daemon:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def kill_tree(self) -> list[int]:
+        """SIGKILL to the process and every descendant (as systemd's
+        control-group kill would: a prefork parent and its workers at once);
+        the pids signalled.  The process itself is reaped; its workers are
+        its children, gone with it or reparented to init."""
+        assert self.proc is not None
+        pids = self.pids() if self.running() else []
+        for pid in reversed(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        return pids
+
     def wait(self, timeout: float = 10.0) -> int | None:
         """The exit status; None if it had to be killed after ``timeout``."""
         if self.proc is None:
