@@ -386,8 +386,9 @@ def write_text(rep: Report, out: TextIO, top: int) -> None:
     out.write(f"ipv6milter-report {__version__}: {_fmt(rep.lines)} lines read, "
               f"{_fmt(rep.decisions)} decisions counted\n")
     if rep.unparsed:
-        out.write(f"  {_fmt(rep.unparsed)} lines looked like decisions but could not be "
-                  "parsed (not counted)\n")
+        what = "line looked like a decision" if rep.unparsed == 1 else \
+            "lines looked like decisions"
+        out.write(f"  {_fmt(rep.unparsed)} {what} but could not be parsed (not counted)\n")
     if rep.since is not None or rep.until is not None:
         out.write(f"  period: {_short_time(rep.since)} to {_short_time(rep.until)}; "
                   f"{_fmt(rep.out_of_range)} decisions outside it, "
