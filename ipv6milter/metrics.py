@@ -73,9 +73,11 @@ class Metrics:
             self.dns_cache.labels(label)
         for label in ("ok", "failed"):
             self.reloads.labels(label)
+        self.mode = "enforce"  # the configured Mode, set by loaded()
 
     def loaded(self, cfg: Config) -> None:
         self.config.info({"hash": config_hash(cfg), "source": cfg.source or "built-in"})
+        self.mode = cfg.mode
         self.enforce_share.set(0 if cfg.monitor else cfg.enforce_share)
         # A client outside EnforceShare is counted with mode="monitor": export
         # both label sets while the share is partial.
@@ -87,7 +89,11 @@ class Metrics:
                 self.decisions.labels(stage, reply, mode)
 
     def decision(self, stage: str, verdict: Verdict) -> None:
-        self.decisions.labels(stage, reply_label(verdict), verdict.mode).inc()
+        # A refusal carries how this client was handled (a client outside
+        # EnforceShare: "monitor"); an accept is the same in both modes and is
+        # counted under the configured Mode.
+        mode = verdict.mode if verdict.reply is not None else self.mode
+        self.decisions.labels(stage, reply_label(verdict), mode).inc()
 
     def cache(self, hit: bool) -> None:
         self.dns_cache.labels("hit" if hit else "miss").inc()

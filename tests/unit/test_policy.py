@@ -9,6 +9,7 @@ import ipaddress
 import pytest
 
 from ipv6milter import config, policy
+from ipv6milter.metrics import Metrics
 from ipv6milter.model import DkimResult, Iprev, IprevResult, Scope, SpfResult
 
 ADDR = ipaddress.ip_address("2001:db8::25")
@@ -275,3 +276,33 @@ def test_monitor_mode_wins_over_the_share() -> None:
     for v in _refusals(c, ADDR):
         assert not v.enforced and v.mode == "monitor"
         assert "EnforceShare" not in v.reasons[0]
+
+
+def _count(m: Metrics, stage: str, reply: str, mode: str) -> float:
+    v = m.registry.get_sample_value(
+        "ipv6milter_decisions_total", {"stage": stage, "reply": reply, "mode": mode})
+    return v or 0.0
+
+
+def test_metrics_tell_enforced_from_would_be_refusals() -> None:
+    m = Metrics()
+    c = cfg(enforce_share=50)
+    m.loaded(c)
+    inside = _in_bucket(lambda b: b < 50)
+    outside = _in_bucket(lambda b: b >= 50)
+    # Both label sets are exported from the start while the share is partial.
+    assert m.registry.get_sample_value("ipv6milter_decisions_total", {
+        "stage": "eom", "reply": "4.7.26", "mode": "monitor"}) == 0.0
+    assert m.registry.get_sample_value("ipv6milter_enforce_share_percent") == 50
+    m.decision("eom", policy.decide_eom(c, inside, spf("fail"), ()))
+    m.decision("eom", policy.decide_eom(c, outside, spf("fail"), ()))
+    m.decision("eom", policy.decide_eom(c, outside, spf("fail"), ()))
+    m.decision("eom", policy.decide_eom(c, outside, spf("pass"), ()))
+    assert _count(m, "eom", "4.7.26", "enforce") == 1
+    assert _count(m, "eom", "4.7.26", "monitor") == 2
+    assert _count(m, "eom", "accept", "enforce") == 1
+    # Monitor mode: accepts are counted under it too.
+    m.loaded(cfg(mode="monitor"))
+    m.decision("rcpt", policy.ACCEPT)
+    assert _count(m, "rcpt", "accept", "monitor") == 1
+    assert m.registry.get_sample_value("ipv6milter_enforce_share_percent") == 0
