@@ -37,6 +37,22 @@ from typing import IO, Any, TextIO
 from . import __version__, logfmt
 
 MARK = b"decision stage="
+
+# What may stand before "decision stage=" on a line of ours, anchored at the
+# start of the line: a syslog priority, a time and a host, the syslog tag,
+# the level and logger of the stderr format.  Anything else (a Postfix line
+# quoting a client's HELO or pipelined text, for one) is not the milter's
+# decision, whatever follows: counted as a line that does not parse.
+_TIME = (r"(?:\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?"
+         r"|[A-Z][a-z]{2} +\d{1,2} \d\d:\d\d:\d\d(?:\.\d+)?"
+         r"|[A-Z][a-z]{2} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?: [A-Z]{2,5})?"
+         r"|\d{9,}(?:\.\d+)?)")
+_OUR_PREFIX = re.compile(
+    r"(?:<\d{1,3}>)?"
+    r"(?:1 " + _TIME + r" \S+ \S*ipv6milter\S* \S+ \S+ - "  # RFC 5424, no structured data
+    r"|(?:" + _TIME + r" \S+ )?(?:[^\s\[:]*ipv6milter[^\s\[:]*(?:\[\d+\])?: )?)"
+    r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) ipv6milter(?:\.\w+)*: )?"
+)
 MAX_FIELD = 200  # characters of a value kept in a key (logfmt writes no more)
 DEFAULT_MAX_KEYS = 10_000
 OTHER = "(other)"
@@ -249,7 +265,10 @@ class Report:
             self.line(raw.decode("utf-8", "replace"))
 
     def line(self, text: str) -> None:
-        fields = logfmt.find_decision(text)
+        at = text.find(logfmt.PREFIX + "stage=")
+        if at < 0:
+            return  # not a decision line at all
+        fields = logfmt.find_decision(text) if _OUR_PREFIX.fullmatch(text, 0, at) else None
         if fields is None or not {"stage", "client", "reply"} <= fields.keys() or (
             fields["stage"] not in ("rcpt", "eom")
         ):

@@ -57,6 +57,8 @@ SHARE = 50
 # HELO names that try to write fields of their own into the decision line.
 FORGED_HELO = 'x" reply=accept spf=pass y="'
 FORGED_HELO_2 = 'h decision stage=eom client=2001:db8:bad::1 scope=ipv6 reply="550 5.2.1"'
+# Postfix quotes this one in its reject line (helo=<h?decision?…>).
+FORGED_HELO_3 = "h decision stage=eom client=2001:db8:bad::1 scope=ipv6 reply=accept z="
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +206,8 @@ def test_report_counts_what_the_milter_did_and_would_do(
     assert go(dns.good_ip, "sender@example.com", [r]).accepted
     t2 = go(dns.good_ip, "sender@example.com", [f"a@{LEGACY}", r])
     assert str(t2.rcpts[0]) == not_opted_in(LEGACY) and t2.accepted
-    assert str(go(dns.noptr_ip, "sender@example.com", [r]).rcpt) == no_ptr(dns.noptr_ip)
+    t3 = go(dns.noptr_ip, "sender@example.com", [r], helo=FORGED_HELO_3)
+    assert str(t3.rcpt) == no_ptr(dns.noptr_ip)
     t5 = go(dns.good_ip, "someone@spffail.test", [r])
     assert t5.data is not None and str(t5.data) == not_authenticated(dns.good_ip)
     # hostile HELO names: counted as what happened, not as what they claim
@@ -251,6 +254,17 @@ def test_report_counts_what_the_milter_did_and_would_do(
         ("permerror", "fail", "none"): (1, 0),
         ("pass", "fail", "none"): (1, 1),
     }
+
+    # The milter's log and Postfix's together, as in one mail.log: Postfix's
+    # reject lines quote the forged HELO names (with "?" for each space) and
+    # change nothing.
+    postfix_log = pf.log.read_text()
+    assert "helo=<h?decision?stage=eom?" in postfix_log
+    both = json.loads(run_report("--format", "json", str(log), str(pf.log)).stdout)
+    assert both["unparsed"] == 0
+    assert both["lines"] == got["lines"] + len(postfix_log.splitlines())
+    for key in ("messages", "accepted", "replies", "senders", "accepted_mix"):
+        assert both[key] == got[key], key
 
     # The same log as syslog would have it: the same counts, and the times.
     lines = [f"Dec  1 15:{i // 60:02d}:{i % 60:02d} mx ipv6milter[4242]: "

@@ -129,6 +129,40 @@ def test_forged_helo_counts_as_what_happened() -> None:
     assert got["accepted_mix"] == []
 
 
+FORGED = 'decision stage=eom client=2001:db8:bad::1 scope=ipv6 reply="550 5.2.1" z='
+
+
+@pytest.mark.parametrize("text", [
+    # Postfix quotes the client's HELO in its reject lines ...
+    "Dec  1 15:09:05 mx postfix/smtpd[1]: NOQUEUE: milter-reject: RCPT from unknown"
+    f"[2001:db8::1]: 550 5.2.1 x; from=<a@b.example> to=<c@d.example> proto=ESMTP helo=<{FORGED}>",
+    # ... and the text a client pipelined, as it came.
+    "Dec  1 15:09:05 mx postfix/smtpd[1]: improper command pipelining after CONNECT from "
+    f"unknown[2001:db8::1]: {FORGED}",
+    "Dec  1 15:09:05 mx postfix/smtpd[1]: improper command pipelining after CONNECT from "
+    f"unknown[2001:db8::1]: x ipv6milter[1]: INFO ipv6milter.milter: {FORGED}",
+    f"improper command pipelining after CONNECT from unknown[2001:db8::1]: {FORGED}",  # -o cat
+    f"Dec  1 15:09:05 mx other-daemon[9]: {FORGED}",
+])
+def test_decisions_quoted_in_other_programs_lines_are_not_counted(text: str) -> None:
+    got = as_json(text + "\n")
+    assert got["replies"] == [] and got["messages"] == 0
+    assert got["unparsed"] == 1
+
+
+@pytest.mark.parametrize("prefix", [
+    "Dec 01 15:09:05.123456 mx ipv6milter[1]: ",  # journalctl -o short-precise
+    "Tue 2026-12-01 15:09:05 UTC mx ipv6milter[1]: ",  # -o short-full
+    "1764601745.123456 mx ipv6milter[1]: ",  # -o short-unix
+    "Dec 01 15:09:05 mx ipv6milter[1]: INFO ipv6milter.milter: ",  # stderr, in the journal
+    "<22>1 2026-12-01T15:09:05Z mx ipv6milter 1234 - - ",  # RFC 5424
+    "ipv6milter[1]: ",
+])
+def test_more_prefixes_of_ours(prefix: str) -> None:
+    got = as_json(prefix + line(reply="450 4.7.26") + "\n")
+    assert got["unparsed"] == 0 and got["replies"][0]["count"] == 1
+
+
 def test_monitor_and_share_lines_are_would_be_refusals() -> None:
     text = "\n".join([
         line(reply="accept", would_reply="450 4.7.26", spf="fail", mode="monitor"),
