@@ -76,6 +76,8 @@ _ISO = re.compile(
 )
 # RFC 3164 syslog and journalctl's default: "Dec  1 15:09:05".
 _BSD = re.compile(r"(?:<\d{1,3}>)?([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d)")
+_EPOCH = re.compile(r"(\d{9,}(?:\.\d+)?) ")
+_WEEKDAY = re.compile(r"[A-Z][a-z]{2} \d{4}-")
 _MONTHS = {m: i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
@@ -95,6 +97,11 @@ class Clock:
 
     def __call__(self, line: str) -> float | None:
         head = line[:40]
+        m = _EPOCH.match(head)  # journalctl -o short-unix
+        if m:
+            return float(m.group(1))
+        if _WEEKDAY.match(head):  # journalctl -o short-full: "Tue 2026-12-01 15:09:05 UTC"
+            head = head[4:].replace(" UTC ", "Z ", 1)
         m = _ISO.match(head)
         if m:
             key = m.group(0)

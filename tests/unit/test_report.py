@@ -56,6 +56,8 @@ NOW = dt.datetime(2026, 12, 1, 16, 0, tzinfo=UTC).timestamp()
     ("2026-12-01T15:09:05+0100 mx ipv6milter[1]: ", "2026-12-01T14:09:05+00:00"),  # short-iso
     ("2026-12-01T15:09:05Z mx ipv6milter[1]: ", "2026-12-01T15:09:05+00:00"),
     ("<22>1 2026-12-01T15:09:05Z mx ipv6milter 1 - - ", "2026-12-01T15:09:05+00:00"),
+    ("Tue 2026-12-01 15:09:05 UTC mx ipv6milter[1]: ", "2026-12-01T15:09:05+00:00"),
+    ("1764601745 mx ipv6milter[1]: ", "2025-12-01T15:09:05+00:00"),
 ])
 def test_iso_prefixes(prefix: str, expected: str) -> None:
     t = Clock(NOW)(prefix + line())
