@@ -30,7 +30,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
 
@@ -53,6 +53,7 @@ _OUR_PREFIX = re.compile(
     r"|(?:" + _TIME + r" \S+ )?(?:[^\s\[:]*ipv6milter[^\s\[:]*(?:\[\d+\])?: )?)"
     r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) ipv6milter(?:\.\w+)*: )?"
 )
+MAX_LINE = 1 << 20
 MAX_FIELD = 200  # characters of a value kept in a key (logfmt writes no more)
 DEFAULT_MAX_KEYS = 10_000
 OTHER = "(other)"
@@ -287,8 +288,9 @@ class Report:
         in_scope = fields.get("scope") == "ipv6"
         if not (is_refusal or (in_scope and fields["stage"] == "eom")):
             return  # an accepted recipient (debug level): the message's line counts it
-        t = self.clock(text) if (is_refusal or self.since or self.until) else None
-        if self.since is not None or self.until is not None:
+        period = self.since is not None or self.until is not None
+        t = self.clock(text) if (is_refusal or period) else None
+        if period:
             if t is None:
                 self.untimed += 1
                 return
@@ -312,7 +314,7 @@ class Report:
         reply = reply[:MAX_FIELD]
         self.replies.add((status, stage, reply), t)
         self.senders.add(
-            (status, reply, _v(fields, "from_domain"), self._network(fields["client"]),
+            (status, reply, _v(fields, "from_domain"), self._network(fields["client"][:MAX_FIELD]),
              _ptr(fields)),
             t,
         )
@@ -344,13 +346,20 @@ class Report:
         for name in names or ["-"]:
             try:
                 if name == "-":
-                    self.feed(stdin)
+                    self.feed(_bounded_lines(stdin))
                 else:
                     with _open(name) as fh:
-                        self.feed(fh)
+                        self.feed(_bounded_lines(fh))
             except (OSError, EOFError, gzip.BadGzipFile) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else e
                 self.errors.append(f"{name}: {reason}")
+
+
+def _bounded_lines(fh: IO[bytes]) -> Iterator[bytes]:
+    """The file's lines, a line longer than MAX_LINE in pieces: memory stays
+    bounded even for a file without line ends.  A decision line is a few
+    hundred bytes (logfmt keeps 200 characters of a value)."""
+    return iter(lambda: fh.readline(MAX_LINE), b"")
 
 
 def _open(name: str) -> IO[bytes]:

@@ -325,3 +325,12 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def test_empty_input() -> None:
     rc, out = run("")
     assert rc == 0 and "0 lines read" in out and out.count("none") == 3
+
+
+def test_a_file_without_line_ends_is_read_in_pieces(tmp_path: Path) -> None:
+    f = tmp_path / "huge.log"
+    f.write_bytes(b"x" * (3 * report.MAX_LINE + 10) + b"\n" + line().encode() + b"\n")
+    out = io.StringIO()
+    assert report.main(["--format", "json", str(f)], stdout=out) == 0
+    got = json.loads(out.getvalue())
+    assert got["lines"] == 5 and got["messages"] == 1 and got["unparsed"] == 0
