@@ -164,7 +164,7 @@ class Ipv6Milter(Milter.Base):
         start = time.monotonic()
         iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED) if opted_in else None
         verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev)
-        self.engine.metrics.decision("rcpt", verdict, self.cfg.mode)
+        self.engine.metrics.decision("rcpt", verdict)
         # An accepted recipient is logged at debug level only: the message's
         # own line (stage=eom) records the accept with every recipient domain.
         self._log("rcpt", verdict, start, rcpt_domain=domain,
@@ -237,7 +237,7 @@ class Ipv6Milter(Milter.Base):
                 metrics.results.labels("dkim", r.result).inc()
             if self.scope.in_scope and self.opted_in:
                 verdict = policy.decide_eom(cfg, self.addr, spf, dkim)
-                metrics.decision("eom", verdict, cfg.mode)
+                metrics.decision("eom", verdict)
         dkim_log = (",".join(r.result for r in dkim) or "none") if stamp else None
         self._log("eom", verdict, start, rcpt_domain=self._rcpt_domains(),
                   iprev=iprev.result if iprev else None, ptr=_ptr(iprev),

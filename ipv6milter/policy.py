@@ -6,6 +6,7 @@ The adapter and ``ipv6milter-check`` apply what these return.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -141,13 +142,15 @@ def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | 
     if not domain:
         return ACCEPT
     if not cfg.accept_domains.matches(domain):
-        return _verdict(cfg, not_opted_in(_reply_domain(domain)), "domain not opted in")
+        return _verdict(cfg, addr, not_opted_in(_reply_domain(domain)), "domain not opted in")
     valid = ptr_valid(cfg, iprev) if iprev is not None else None
     if valid:
         return ACCEPT
     if valid is None:
-        return _verdict(cfg, dns_tempfail("reverse DNS", addr), "PTR lookup failed temporarily")
-    return _verdict(cfg, no_reverse_dns(addr), f"reverse DNS ({cfg.reverse_dns}) not valid")
+        return _verdict(
+            cfg, addr, dns_tempfail("reverse DNS", addr), "PTR lookup failed temporarily"
+        )
+    return _verdict(cfg, addr, no_reverse_dns(addr), f"reverse DNS ({cfg.reverse_dns}) not valid")
 
 
 # -- end of message ---------------------------------------------------------------------
@@ -165,11 +168,39 @@ def decide_eom(
         return ACCEPT
     if spf_result == "temperror" or any(r.result == "temperror" for r in dkim):
         return _verdict(
-            cfg, dns_tempfail("SPF and DKIM", addr), "SPF or DKIM key lookup failed temporarily"
+            cfg, addr, dns_tempfail("SPF and DKIM", addr),
+            "SPF or DKIM key lookup failed temporarily",
         )
-    return _verdict(cfg, not_authenticated(addr), "neither SPF nor DKIM passed")
+    return _verdict(cfg, addr, not_authenticated(addr), "neither SPF nor DKIM passed")
 
 
-def _verdict(cfg: Config, reply: Reply, reason: str) -> Verdict:
-    # Monitor mode: the reply enforce mode would give, recorded, not sent.
-    return Verdict(reply=reply, enforced=not cfg.monitor, reasons=(reason,), mode=cfg.mode)
+# -- staged enforcement -----------------------------------------------------------------
+
+
+def share_bucket(addr: IPAddress) -> int:
+    """0..99 for the client's network: its /64 (an IPv4 client: its /24).
+
+    A digest of the packed prefix, not Python's ``hash()`` (salted per
+    process): every worker, every restart and ``ipv6milter-check`` put one
+    network in the same bucket, so a sender that retries gets the same
+    answer, and raising ``EnforceShare`` only adds networks.
+    """
+    packed = addr.packed[:8] if addr.version == 6 else addr.packed[:3]
+    return int.from_bytes(hashlib.sha256(packed).digest()[:8], "big") % 100
+
+
+def enforced_for(cfg: Config, addr: IPAddress) -> bool:
+    """``Mode enforce`` and the client's network inside ``EnforceShare``."""
+    if cfg.monitor:
+        return False
+    return cfg.enforce_share >= 100 or share_bucket(addr) < cfg.enforce_share
+
+
+def _verdict(cfg: Config, addr: IPAddress, reply: Reply, reason: str) -> Verdict:
+    # Monitor mode, and a client outside EnforceShare: the reply enforce mode
+    # would give, recorded, not sent; mode says which handling the client got.
+    if enforced_for(cfg, addr):
+        return Verdict(reply=reply, enforced=True, reasons=(reason,), mode="enforce")
+    if not cfg.monitor:
+        reason += f"; not enforced: network outside EnforceShare {cfg.enforce_share}%"
+    return Verdict(reply=reply, enforced=False, reasons=(reason,), mode="monitor")
