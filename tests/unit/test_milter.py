@@ -12,7 +12,8 @@ import Milter
 import pytest
 
 from ipv6milter import authresults, config, policy
-from ipv6milter.engine import Engine
+from ipv6milter import engine as engine_mod
+from ipv6milter.engine import Engine, Message
 from ipv6milter.milter import Ipv6Milter
 from tests.dkimkeys import make_key
 from tests.unit.fakedns import TEMP, FakeResolver
@@ -345,7 +346,7 @@ def test_oversized_message_is_judged_without_dkim(resolver: FakeResolver) -> Non
     out = ctx.transaction("x@fail.example", ["b@example.org"], msg, chunk=1000)
     assert out["eom"] == Milter.TEMPFAIL
     assert out["eom_reply"][:2] == ("450", "4.7.26")
-    assert ctx._priv.chunks == []  # nothing past the limit was kept
+    assert ctx._priv.msg.chunks == []  # nothing past the limit was kept
 
 
 def test_internal_error_tempfails_that_message_and_the_milter_goes_on(
@@ -388,17 +389,16 @@ def test_header_callback_needs_no_reply_and_a_failure_there_tempfails_at_eom(
     ctx = ctx_for(cfg(), resolver)
     ctx.connect(GOOD)
     assert ctx._protocol & Milter.P_NR_HDR  # negotiated: the MTA does not wait
-    m = ctx._priv
-    real = m._count
+    real = Message.header
     calls = []
 
-    def broken(n: int) -> None:  # the first header field fails, nothing else
-        calls.append(n)
+    def broken(self: Message, name: str, value: bytes) -> None:  # the first field fails
+        calls.append(name)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        real(n)
+        real(self, name, value)
 
-    monkeypatch.setattr(m, "_count", broken)
+    monkeypatch.setattr(Message, "header", broken)
     with caplog.at_level(logging.ERROR):
         out = ctx.transaction("a@example.com", ["b@example.org"], message())
     assert out["eom"] == Milter.TEMPFAIL
@@ -451,13 +451,49 @@ def test_accepted_recipients_are_logged_at_debug_only(
     assert 'reply="550 5.2.1"' in caplog.records[0].getMessage()
 
 
-def test_header_fields_count_towards_max_message_size(resolver: FakeResolver) -> None:
-    # Many tiny fields must reach the limit too; past it only signatures are kept.
-    ctx = ctx_for(cfg(max_message_size=64 * 1024), resolver)
+def test_max_message_size_counts_the_message_bytes(resolver: FakeResolver) -> None:
+    # No charge per field on top of its bytes: a message under the limit is
+    # verified, whatever its number of fields (issue 11: 573 bytes were
+    # counted as more than 1024).
+    small = message(sign=True)
+    assert len(small) < 1024 - 100
+    c = cfg(max_message_size=1024)
+    ctx = ctx_for(c, resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@fail.example", ["b@example.org"], small)
+    assert out["eom"] == Milter.CONTINUE, out
+    assert results(ctx)["dkim"] == "pass"
+    assert ctx._priv.msg.size == len(small)  # the message's bytes, exactly
+
+
+def test_past_max_header_fields_only_signatures_are_kept(
+        resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "MAX_HEADER_FIELDS", 50)
+    ctx = ctx_for(cfg(), resolver)
     ctx.connect(GOOD)
     extra = b"".join(b"X-N: %d\r\n" % i for i in range(400))
     out = ctx.transaction("x@fail.example", ["b@example.org"], message(extra=extra, sign=True))
-    m = ctx._priv
-    assert m.too_big
-    assert [n for n, _ in m.headers] == ["DKIM-Signature"]
+    m = ctx._priv.msg
+    assert m.too_big == "more than 50 header fields"
+    assert m.headers == [] and m.chunks == []
+    assert len(m.signatures()) == 1
     assert out["eom_reply"][:2] == ("450", "4.7.26")  # judged without DKIM
+
+
+def test_past_max_message_size_at_most_max_signatures_and_no_ids_are_kept(
+        resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(max_message_size=4096, max_signatures=3), resolver)
+    ctx.connect(GOOD)
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=sel1; h=from; bh=x; b=y\r\n"
+    other = b"Authentication-Results: other.example; spf=pass\r\n"
+    ours = b"Authentication-Results: mx.example.org; spf=pass\r\n"
+    filler = b"X-Filler: " + b"f" * 200 + b"\r\n"
+    extra = filler * 30 + (sig + other) * 500 + ours + other * 100 + ours
+    out = ctx.transaction("a@example.com", ["b@example.org"], message(extra=extra))
+    assert out["eom"] == Milter.CONTINUE
+    m = ctx._priv.msg
+    assert m.too_big and m.headers == []
+    assert len(m.signatures()) == 3
+    assert m.ar_count == 602 and len(m._ours) == 2  # a count and our indexes only
+    chg = [c[2] for c in ctx.calls if c[0] == "chg"]
+    assert chg == [602, 501]
