@@ -639,3 +639,19 @@ def test_end_of_message_waits_for_spf_and_dkim_within_one_stage_timeout() -> Non
     assert rest["eom"] == Milter.CONTINUE, rest  # DKIM passed in time
     assert results(ctx)["dkim"] == "pass" and results(ctx)["spf"] == "temperror"
     assert elapsed < 2.0 + 0.7, elapsed  # 1.6 + 2.0 before
+
+
+def test_recipient_without_domain_is_judged_like_an_opted_in_one(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(NOPTR)
+    out = ctx.transaction("a@example.com", ["root", "@relay.example:root"], message())
+    assert [rc for rc, _ in out["rcpt"]] == [Milter.TEMPFAIL, Milter.TEMPFAIL]
+    assert out["rcpt"][0][1][:2] == ("450", "4.7.25")  # never the 550
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@fail.example", ["root"], message())
+    assert out["rcpt"] == [(Milter.CONTINUE, None)]
+    assert out["eom_reply"][:2] == ("450", "4.7.26")  # and SPF or DKIM at end of message
+    ctx.connect(NOPTR)
+    out = ctx.transaction("x@fail.example", ["PostMaster", "root"], message())
+    assert out["rcpt"][0] == (Milter.CONTINUE, None)
+    assert out["eom"] == Milter.CONTINUE  # postmaster alone: no policy at end of message
