@@ -341,7 +341,10 @@ class Message:
             if len(self._sigs) < self.max_signatures:
                 self._sigs.append(value)
         self.fields += 1
-        self._count(len(name) + len(self._sep) + len(value) + 2)
+        n = len(name) + len(self._sep) + len(value) + 2
+        if b"\n" in value:  # folded: counted with CRLF line ends, as rebuilt
+            n += value.count(b"\n") - value.count(b"\r\n")
+        self._count(n)
         if not self.too_big and self.fields > MAX_HEADER_FIELDS:
             self._drop(f"more than {MAX_HEADER_FIELDS} header fields")
         if not self.too_big:

@@ -461,3 +461,29 @@ def test_recipients_without_a_domain(check):
     spf_fail = {**GOOD_DNS, ("example.com", "TXT"): "v=spf1 -all"}
     o = check([*ARGS, "--rcpt", "root"], spf_fail)  # judged at end of message too
     assert (o.code, o.lines) == (1, [R_45726])
+
+
+@pytest.mark.parametrize("raw", [
+    MESSAGE,
+    b"X-Folded: one\r\n\ttwo\r\n  three\r\nFrom: a@example.com\r\n\r\nbody\r\n\r\n\r\n",
+    b"From: a@example.com\r\nSubject:no space\r\n\r\n",
+    b"From: a@example.com\r\n\r\n",
+])
+def test_a_message_file_is_collected_byte_for_byte(raw: bytes):
+    """ipv6milter-check hands the file to the milter's collector as an MTA
+    would (fields with the space after the colon): it rebuilds it exactly and
+    counts exactly its bytes against MaxMessageSize."""
+    from ipv6milter import config as cfgmod
+
+    msg = checkcli.collect(cfgmod.parse("AuthservID mx.example.org\n"), raw)
+    assert msg.size == len(raw)
+    assert msg.message() == raw
+
+
+def test_a_line_that_is_not_a_field_starts_the_body():
+    from ipv6milter.engine import split_fields
+
+    fields, body = split_fields(b"From: a@example.com\r\nnot a field\r\nmore\r\n\r\nrest\r\n")
+    assert fields == [("From", b" a@example.com")]
+    assert body == b"not a field\r\nmore\r\n\r\nrest\r\n"
+    assert split_fields(b"\r\nonly body\r\n") == ([], b"only body\r\n")

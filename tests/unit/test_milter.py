@@ -469,6 +469,19 @@ def test_max_message_size_counts_the_message_bytes(resolver: FakeResolver) -> No
     assert ctx._priv.msg.size == len(small)  # the message's bytes, exactly
 
 
+def test_message_bytes_are_counted_alike_without_leading_space_mode(
+        resolver: FakeResolver) -> None:
+    # Without P_HDR_LEADSPC the MTA strips the space and folds with bare LF:
+    # still the message's own bytes, as it is rebuilt for DKIM.
+    opts = list(Milter.testctx.TestCtx.default_opts)
+    opts[1] &= ~Milter.P_HDR_LEADSPC
+    ctx = ctx_for(cfg(), resolver, opts)
+    ctx.connect(GOOD)
+    msg = message(extra=b"X-Folded: one\r\n\ttwo\r\n\tthree\r\n")
+    ctx.transaction("a@example.com", ["b@example.org"], msg)
+    assert ctx._priv.msg.size == len(msg)
+
+
 def test_past_max_header_fields_only_signatures_are_kept(
         resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_mod, "MAX_HEADER_FIELDS", 50)
