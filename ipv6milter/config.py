@@ -216,10 +216,27 @@ def parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
     nets = []
     for v in _split_list(value):
         try:
-            nets.append(ipaddress.ip_network(v, strict=False))
+            net = ipaddress.ip_network(v, strict=False)
         except ValueError:
             raise ValueProblem(f"not an address or network: {v!r}") from None
+        nets.append(_unmapped(net))
     return tuple(nets)
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _unmapped(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:192.0.2.5``, ``::ffff:192.0.2.0/120``)
+    means its IPv4 form: a mapped client counts as IPv4 (SPEC §1) and is
+    matched by its IPv4 address."""
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        v4 = net.network_address.ipv4_mapped
+        assert v4 is not None
+        return ipaddress.ip_network(f"{v4}/{net.prefixlen - 96}")
+    return net
 
 
 def _number(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:

@@ -24,11 +24,26 @@ from .model import (
     Verdict,
 )
 
+# libmilter's smfi_setreply refuses a text longer than this (MAXREPLYLEN in
+# libmilter/smfi.c) and the reply would become an internal error: a reply
+# keeps its code, so a text that would be longer is shortened (SPEC §1).
+MAX_REPLY_TEXT = 980
+_ELLIPSIS = "..."
+
+
+def _shortened(value: str, room: int) -> str:
+    """``value`` cut to ``room`` characters, its start and end kept around "..."."""
+    if len(value) <= room:
+        return value
+    keep = max(room - len(_ELLIPSIS), 2)
+    head = keep - keep // 3
+    return value[:head] + _ELLIPSIS + value[len(value) - (keep - head):]
+
 
 def not_opted_in(domain: str) -> Reply:
-    return Reply(
-        "550", "5.2.1", f"Service unavailable, [{domain}] does not accept email over IPv6."
-    )
+    before, after = "Service unavailable, [", "] does not accept email over IPv6."
+    domain = _shortened(domain, MAX_REPLY_TEXT - len(before) - len(after))
+    return Reply("550", "5.2.1", f"{before}{domain}{after}")
 
 
 def no_reverse_dns(addr: IPAddress) -> Reply:
@@ -102,13 +117,35 @@ def effective_address(addr: IPAddress) -> IPAddress:
 # -- recipient stage -------------------------------------------------------------------
 
 
-def recipient_domain(rcpt: str) -> str:
-    """The domain of RCPT TO's address, lower case, trailing dot removed."""
+def _address(rcpt: str) -> str:
+    """RCPT TO's address without brackets and source route."""
     a = rcpt.strip()
     if a.startswith("<") and a.endswith(">"):
         a = a[1:-1]
     if a.startswith("@") and ":" in a:
         a = a.split(":", 1)[1]
+    return a.strip()
+
+
+def is_postmaster(rcpt: str) -> bool:
+    """``<postmaster>`` without a domain, any case (RFC 5321 §4.5.1)."""
+    return _address(rcpt).lower() == "postmaster"
+
+
+def judged(cfg: Config, rcpt: str) -> bool:
+    """Whether a recipient brings the policy to bear (SPEC §1): an opted-in
+    domain, or no domain at all except ``<postmaster>``.  A recipient without
+    a domain belongs to the receiving MTA itself: the milter cannot know
+    whether it opted in, but it is no way around the PTR and SPF/DKIM checks."""
+    domain = recipient_domain(rcpt)
+    if not domain:
+        return not is_postmaster(rcpt)
+    return cfg.accept_domains.matches(domain)
+
+
+def recipient_domain(rcpt: str) -> str:
+    """The domain of RCPT TO's address, lower case, trailing dot removed."""
+    a = _address(rcpt)
     if "@" not in a:
         return ""
     return a.rpartition("@")[2].strip().rstrip(".").lower()
@@ -131,17 +168,19 @@ def ptr_valid(cfg: Config, iprev: IprevResult) -> bool | None:
     return bool(iprev.names)
 
 
-def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | None) -> Verdict:
+def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | None,
+                *, postmaster: bool = False) -> Verdict:
     """One recipient of an in-scope client.
 
-    The opt-in check comes first and wins over any PTR problem (SPEC §1);
-    a recipient without a domain (RFC 5321 ``<postmaster>``) is never refused.
-    ``iprev`` is only needed for an opted-in domain; None stands for a lookup
-    that did not finish in time.
+    The opt-in check comes first and wins over any PTR problem (SPEC §1).
+    ``<postmaster>`` (``postmaster``, no domain) is never refused; any other
+    recipient without a domain never gets the 550 but is judged like an
+    opted-in one.  ``iprev`` is only needed for a judged recipient; None
+    stands for a lookup that did not finish in time.
     """
-    if not domain:
+    if not domain and postmaster:
         return ACCEPT
-    if not cfg.accept_domains.matches(domain):
+    if domain and not cfg.accept_domains.matches(domain):
         return _verdict(cfg, addr, not_opted_in(_reply_domain(domain)), "domain not opted in")
     valid = ptr_valid(cfg, iprev) if iprev is not None else None
     if valid:

@@ -57,6 +57,15 @@ def test_classify(raw: str | None, auth: bool, scope: Scope) -> None:
     assert scope.in_scope == (scope is Scope.IPV6)
 
 
+@pytest.mark.parametrize("entry", ["::ffff:192.0.2.5", "::FFFF:192.0.2.0/120",
+                                   "::ffff:c000:205"])
+def test_mapped_trusted_hosts_mean_their_ipv4_form(entry: str) -> None:
+    c = config.parse(f"TrustedHosts {entry}\n")
+    for client in ("::ffff:192.0.2.5", "192.0.2.5", "IPv6:::ffff:192.0.2.5"):
+        assert policy.classify(c, policy.parse_address(client)) is Scope.TRUSTED, client
+    assert policy.classify(c, policy.parse_address("192.0.3.5")) is Scope.IPV4
+
+
 def test_trusted_networks_from_config() -> None:
     c = config.parse("TrustedHosts 2001:db8:1::/48, 192.0.2.0/24\n")
     assert policy.classify(c, policy.parse_address("2001:db8:1::7")) is Scope.TRUSTED
@@ -112,8 +121,50 @@ def test_recipient_domain(rcpt: str, domain: str) -> None:
     assert policy.recipient_domain(rcpt) == domain
 
 
-def test_recipient_without_domain_is_not_refused() -> None:
-    assert policy.decide_rcpt(cfg(), ADDR, "", None).reply is None
+@pytest.mark.parametrize("rcpt", ["<postmaster>", "<PostMaster>", "postmaster",
+                                  "<@relay.example:POSTMASTER>"])
+def test_postmaster_without_domain_is_never_refused(rcpt: str) -> None:
+    assert policy.is_postmaster(rcpt)
+    assert not policy.judged(cfg(), rcpt)
+    for iprev in (NO_PTR, PTR_TEMP, None):
+        v = policy.decide_rcpt(cfg(), ADDR, policy.recipient_domain(rcpt), iprev,
+                               postmaster=True)
+        assert v.reply is None
+
+
+@pytest.mark.parametrize("rcpt", ["<root>", "<@relay.example:root>", "<Root>", "<>",
+                                  "<postmaster.x>"])
+def test_other_recipients_without_domain_are_judged_but_never_get_550(rcpt: str) -> None:
+    assert not policy.is_postmaster(rcpt) and policy.recipient_domain(rcpt) == ""
+    assert policy.judged(cfg(), rcpt)  # PTR at RCPT, SPF/DKIM at end of message
+    decide = lambda iprev: policy.decide_rcpt(cfg(), ADDR, "", iprev)  # noqa: E731
+    assert decide(PASS).reply is None
+    assert decide(NO_PTR).summary == "450 4.7.25"
+    assert decide(PTR_TEMP).summary == "451 4.4.3"
+    assert decide(None).summary == "451 4.4.3"
+
+
+def test_postmaster_with_a_domain_is_an_ordinary_recipient() -> None:
+    assert not policy.is_postmaster("<postmaster@contoso.com>")
+    assert not policy.judged(cfg(), "<postmaster@contoso.com>")
+    assert policy.judged(cfg(), "<postmaster@example.org>")
+    v = policy.decide_rcpt(cfg(), ADDR, "contoso.com", NO_PTR)
+    assert v.summary == "550 5.2.1"
+
+
+@pytest.mark.parametrize("length", [900, 925, 926, 1000, 5000])
+def test_a_long_domain_keeps_the_550_with_a_shortened_text(length: int) -> None:
+    domain = ("a" * 60 + ".") * (length // 61) + "end.example"
+    v = policy.decide_rcpt(cfg(), ADDR, domain, PASS)
+    assert v.summary == "550 5.2.1"
+    text = v.reply.text
+    assert len(text) <= policy.MAX_REPLY_TEXT
+    assert text.startswith("Service unavailable, [aaaa")
+    assert text.endswith(".end.example] does not accept email over IPv6.")
+    if len(domain) + 56 <= policy.MAX_REPLY_TEXT:
+        assert f"[{domain}]" in text
+    else:
+        assert "..." in text and len(text) == policy.MAX_REPLY_TEXT
 
 
 # -- RCPT: 450 4.7.25 and its DNS failures --------------------------------------------------
