@@ -1,4 +1,4 @@
-"""ipv6milter side by side with OpenDKIM and the Python milters (issue #5).
+"""ipv6milter side by side with OpenDKIM and the Python milters (issues #5, #12).
 
     python -m bench.run [--rounds 3] [--seconds 2.5] [--quick]
 
@@ -8,8 +8,13 @@ message, DKIM-signed (rsa-sha256, 2048 bits, relaxed/relaxed), SPF passing
 through one ``include``, every milter on a unix socket.  Each configuration's
 work is checked on a delivered sample before its numbers are measured; then
 rounds of all (size, concurrency) cells, configurations alternating, medians
-reported.  Writes bench/results.md, bench/results.json, bench/results.png and
-the py-spy profile of ipv6milter (bench/profile-ipv6milter.txt).
+reported.  ipv6milter runs twice, with ``Workers 1`` and with its default
+(``Workers auto``; the key is probed with ``ipv6milter -n`` first); CPU and
+memory are counted over each milter's whole process tree.  The scoping runs
+send from 127.0.0.1, an IPv4 client, with and without ``smtpd_milter_maps``.
+Writes bench/results.md, bench/results.json, bench/results.png and the py-spy
+profile of ipv6milter (bench/profile-ipv6milter.txt); ``--quick`` writes to a
+temporary directory unless ``--out`` is given.
 
 Needs root (Postfix, unshare, /proc of other users' processes).
 """
@@ -34,19 +39,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import lab
+
 from . import load, report
 from .servers import (
     AUTHSERV_ID,
+    CLIENT,
+    CLIENT4,
+    IPV6_ONLY_MAP,
     SAMPLE_RCPT,
     BenchError,
     Milter,
+    Sink,
     make_key,
     run_knot,
     run_postfix,
-    run_smtp_sink,
+    run_sink,
     start_milter,
-    stop_process,
-    wait_until,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +63,10 @@ ROOT = HERE.parent
 SIZES = (4096, 102400)
 CONCURRENCY = (1, 8, 32)
 CELLS = [(s, c) for s in SIZES for c in CONCURRENCY]
+QUICK_CELLS = [(4096, 1), (4096, 8), (102400, 8)]
+SCOPING_CELLS = [(4096, 1), (4096, 8), (4096, 32)]
+QUICK_SCOPING_CELLS = [(4096, 8)]
+IPV6_ONLY = {"smtpd_milter_maps": f"cidr:$config_directory/{IPV6_ONLY_MAP}"}
 
 
 def size_label(size: int) -> str:
@@ -72,6 +85,9 @@ class Conf:
     experiment: bool = False  # measured in the experiments phase, not the main table
     skipped: str = ""  # why it was not measured
     verified: str = ""  # what the check found
+    client: str = CLIENT  # where the load comes from ([::1], or 127.0.0.1 for IPv4)
+    service: dict[str, str] = field(default_factory=dict)  # more -o options of its smtpd
+    scoping: bool = False  # measured in the scoping phase (IPv4 clients, smtpd_milter_maps)
 
 
 IPV6_EXPECT = ("iprev=pass", "spf=pass", "dkim=pass")
@@ -83,7 +99,18 @@ CONFIGS = [
     Conf("pyspf", "pyspf-milter", ("pyspf",), ("spf=pass",)),
     Conf("chain", "dkimpy-milter + pyspf-milter chained", ("dkimpy", "pyspf"),
          ("dkim=pass", "spf=pass")),
-    Conf("ipv6milter", "ipv6milter (enforce)", ("ipv6milter",), IPV6_EXPECT),
+    Conf("ipv6milter", "ipv6milter (enforce, Workers default)", ("ipv6milter",), IPV6_EXPECT),
+    Conf("ipv6milter_w1", "ipv6milter (enforce, Workers 1)", ("ipv6milter_w1",), IPV6_EXPECT),
+    # Scoping: what IPv4 clients cost with ipv6milter in smtpd_milters, and with
+    # smtpd_milter_maps sending only IPv6 clients through it (the IPv6 row shows
+    # that the map still lets them through).
+    Conf("v4_postfix", "IPv4 client: Postfix, no milter", (), (), client=CLIENT4, scoping=True),
+    Conf("v4_milter", "IPv4 client: ipv6milter in smtpd_milters", ("ipv6milter",), (),
+         client=CLIENT4, scoping=True),
+    Conf("v4_map", "IPv4 client: ipv6milter, smtpd_milter_maps IPv6-only", ("ipv6milter",), (),
+         client=CLIENT4, service=IPV6_ONLY, scoping=True),
+    Conf("v6_map", "IPv6 client: ipv6milter, smtpd_milter_maps IPv6-only", ("ipv6milter",),
+         IPV6_EXPECT, service=IPV6_ONLY, scoping=True),
     # Experiments: the proposals of docs/performance.md, measured before they
     # are implemented (bench/prototype.py patches the running process only).
     Conf("noop_nr", "pymilter no-op, every callback @noreply", ("noop_nr",), (), True),
@@ -199,6 +226,9 @@ def daemon_commands(sockdir: Path, rundir: Path, nameserver: str, addr53: str
     conf = ipv6milter_conf(rundir / "ipv6milter.conf", socket_path(sockdir, "ipv6milter"),
                            nameserver)
     cmds["ipv6milter"] = DaemonCmd([_venv_bin("ipv6milter"), "-c", str(conf)])
+    conf = ipv6milter_conf(rundir / "ipv6milter_w1.conf", socket_path(sockdir, "ipv6milter_w1"),
+                           nameserver, "Workers 1\n")
+    cmds["ipv6milter_w1"] = DaemonCmd([_venv_bin("ipv6milter"), "-c", str(conf)])
     for name, (patches, extra, env) in VARIANTS.items():
         conf = ipv6milter_conf(rundir / f"{name}.conf", socket_path(sockdir, name),
                                nameserver, extra)
@@ -211,44 +241,22 @@ def daemon_commands(sockdir: Path, rundir: Path, nameserver: str, addr53: str
 # -- verification ---------------------------------------------------------------------------
 
 
-def send_sample(port: int, msg: bytes, tag: str) -> None:
+def send_sample(port: int, msg: bytes, tag: str, host: str = CLIENT) -> None:
     marked = f"X-Bench-Sample: {tag}\r\n".encode() + msg  # not signed: DKIM unaffected
-    load.SmtpSession(port).send(marked, rcpt=SAMPLE_RCPT)
+    load.SmtpSession(port, host=host).send(marked, rcpt=SAMPLE_RCPT)
 
 
-def wait_sample(sinkdir: Path, tag: str, timeout: float = 30.0) -> bytes:
-    found: list[bytes] = []
-
-    def arrived() -> bool:
-        for p in sinkdir.rglob("*"):
-            if p.is_file():
-                data = p.read_bytes()
-                if f"X-Bench-Sample: {tag}".encode() in data and data.rstrip().endswith(b"."):
-                    found.append(data)
-                    return True
-                if f"X-Bench-Sample: {tag}".encode() in data and b"\n\n" in data:
-                    found.append(data)
-                    return True
-        return False
-
-    wait_until(f"sample {tag} at smtp-sink", arrived, timeout=timeout)
-    return found[0]
+def wait_sample(sink: Sink, tag: str, timeout: float = 30.0) -> bytes:
+    try:
+        return sink.wait_for(f"X-Bench-Sample: {tag}\r\n", timeout).data
+    except AssertionError as e:
+        raise BenchError(str(e)) from None
 
 
 def auth_results(raw: bytes) -> list[str]:
     """Our authserv-id's Authentication-Results values (unfolded, lower case),
-    and Received-SPF values, of a dumped message."""
-    start = raw.find(b"X-Bench-Sample:")
-    # smtp-sink's dump starts with its own records; the message is the rest,
-    # from the first header Postfix or a milter put above ours.
-    head_start = raw.rfind(b"\n", 0, start)
-    text = raw
-    for marker in (b"\nAuthentication-Results:", b"\nReceived:", b"\nReceived-SPF:"):
-        i = raw.find(marker)
-        if 0 <= i < head_start:
-            head_start = i
-    text = raw[head_start + 1 :]
-    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(text)
+    and Received-SPF values, of a delivered message."""
+    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw)
     out = []
     for name in ("Authentication-Results", "Received-SPF"):
         for v in msg.get_all(name) or []:
@@ -268,12 +276,15 @@ class Sample:
     count: int
     seconds: float
     rate: float
-    cpu: float  # milter CPU seconds during the run (all its daemons)
-    peak_rss_kib: int  # max VmHWM of its daemons during the run
+    cpu: float  # milter CPU seconds during the run (all its daemons, every process)
+    peak_rss_kib: int  # max VmHWM of any one process of its daemons (a worker)
     ok: bool
     error: str = ""
     log_problems: int = 0
-    phase: str = "main"  # or "experiment"
+    phase: str = "main"  # or "experiment", "scoping"
+    total_rss_kib: int = 0  # peak of the summed RSS of all its processes (sampled)
+    total_pss_kib: int = 0  # the same in PSS (shared pages counted once)
+    procs: int = 0  # processes of its daemons (parent + workers)
 
 
 @dataclass
@@ -289,7 +300,12 @@ class Bench:
     deadline: float = float("inf")  # time.monotonic() after which no run starts
 
     def pids(self, conf: Conf) -> list[int]:
+        """The daemons' own pids (the roots of their process trees)."""
         return [self.daemons[d].pid for d in conf.daemons]
+
+    def all_pids(self, conf: Conf) -> list[int]:
+        """Every process of the daemons: a prefork parent and its workers."""
+        return [p for root in self.pids(conf) for p in load.tree_pids(root)]
 
     def check_alive(self, conf: Conf) -> None:
         for d in conf.daemons:
@@ -334,31 +350,31 @@ class Bench:
             drained = str(e)
         self.new_log_problems()
         self.check_alive(conf)
-        pids = self.pids(conf)
-        for pid in pids:
+        roots = self.pids(conf)
+        for pid in self.all_pids(conf):
             load.reset_peak_rss(pid)
-        cpu0 = sum(load.cpu_seconds(p) for p in pids)
+        # Over each daemon's whole tree, workers that exited (reaped) included.
+        cpu0 = sum(load.tree_cpu_seconds(p) for p in roots)
         port = self.postfix.ports[conf.name]  # type: ignore[attr-defined]
-        r = load.smtp_source(port, self.files[size], count, conc)
+        with load.MemorySampler(lambda: roots) as mem:
+            r = load.smtp_source(port, self.files[size], count, conc, host=conf.client)
         self.sent[conf.name] = self.sent.get(conf.name, 0) + count
-        cpu = sum(load.cpu_seconds(p) for p in pids) - cpu0
-        rss = max((load.peak_rss_kib(p) for p in pids), default=0)
+        cpu = sum(load.tree_cpu_seconds(p) for p in roots) - cpu0
+        rss = max((load.peak_rss_kib(p) for p in self.all_pids(conf)), default=0)
         problems = self.new_log_problems()
         return Sample(conf.name, size, conc, rnd, count, r.seconds, r.rate, cpu, rss,
                       r.ok and problems == 0 and not drained, r.error or drained, problems,
-                      phase)
+                      phase, mem.peak_rss_kib, mem.peak_pss_kib, mem.max_procs)
 
 
 # -- the benchmark ---------------------------------------------------------------------------
 
 
-def _vmrss_kib(pid: int) -> int:
-    time.sleep(0.5)  # let it settle after binding its socket
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+def _idle_rss_kib(pid: int) -> int:
+    """Summed RSS of the daemon's tree once it has settled after binding its
+    socket (a prefork parent forks its workers then)."""
+    time.sleep(0.5)
+    return sum(load.rss_kib(p) for p in load.tree_pids(pid))
 
 
 def calibrate_count(rate: float, seconds: float, conc: int) -> int:
@@ -418,14 +434,15 @@ def machine() -> dict[str, str]:
 
 def profile_ipv6milter(bench: Bench, conf: Conf, count: int, out_raw: Path,
                        workdir: Path) -> dict[str, object]:
-    """py-spy of the ipv6milter process during a 4 KB c=8 run."""
+    """py-spy of the ipv6milter processes (parent and workers) during a 4 KB c=8 run."""
     pyspy = _venv_bin("py-spy")
     pid = bench.daemons["ipv6milter"].pid
     tmp = workdir / "profile.raw"
     bench.postfix.drain()  # type: ignore[attr-defined]
     proc = subprocess.Popen(
         [pyspy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-         "--output", str(tmp), "--threads", "--gil", "--nonblocking", "--duration", "120"],
+         "--output", str(tmp), "--threads", "--gil", "--nonblocking", "--subprocesses",
+         "--duration", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     time.sleep(1.5)  # py-spy attaches
@@ -500,7 +517,7 @@ def measure(bench: Bench, confs: list[Conf], cells: list[tuple[int, int]] | dict
                 try:
                     bench.postfix.drain()  # type: ignore[attr-defined]
                     lat = load.latencies(bench.postfix.ports[c.name],  # type: ignore[attr-defined]
-                                         bench.messages[size], latency_count)
+                                         bench.messages[size], latency_count, host=c.client)
                 except (load.SmtpError, OSError, BenchError) as e:
                     print(f"bench: latency {c.name} {size_label(size)}: {e}", flush=True)
                     continue
@@ -518,19 +535,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="target length of one measured run (sets each message count)")
     p.add_argument("--latency-count", type=int, default=40,
                    help="sessions timed per configuration, size and round at c=1")
-    p.add_argument("--quick", action="store_true", help="1 round, short runs (a smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute smoke test of every code path: 1 round, 3 cells, short"
+                   " runs, no experiments, profile or micro; results go to a temporary"
+                   " directory unless --out is given")
     p.add_argument("--only", help="comma-separated configuration names")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--no-experiments", action="store_true",
                    help="skip the prototype variants (bench/prototype.py)")
-    p.add_argument("--out", default=str(HERE), help="where results.* go (default bench/)")
+    p.add_argument("--out", help="where results.* go (default bench/; --quick: a temporary"
+                   " directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--max-minutes", type=float, default=14.0,
                    help="no new run starts after this (the whole bench stays bounded)")
     args = p.parse_args(argv)
+    cells, scoping_cells = CELLS, SCOPING_CELLS
     if args.quick:
-        args.rounds, args.seconds, args.latency_count = 1, 0.5, 10
+        args.rounds, args.seconds, args.latency_count = 1, 0.4, 5
+        args.no_experiments = args.no_profile = args.no_micro = True
+        args.max_minutes = min(args.max_minutes, 4.0)
+        cells, scoping_cells = QUICK_CELLS, QUICK_SCOPING_CELLS
+    if args.out is None:
+        args.out = (tempfile.mkdtemp(prefix="ipv6milter-bench-quick-") if args.quick
+                    else str(HERE))
     if os.geteuid() != 0:
         print("bench: needs root (private Postfix, unshare, /proc)", file=sys.stderr)
         return 2
@@ -550,6 +578,17 @@ def main(argv: list[str] | None = None) -> int:
     info = {"machine": machine(), "versions": versions(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     print(f"bench: {info['machine']}", flush=True)
+    # Workers (SPEC §4) may be unknown to this ipv6milter: ask it.
+    workers_ok, workers_out = lab.config_accepted({"Workers": "1"}, rundir,
+                                                  [_venv_bin("ipv6milter")])
+    info["workers"] = "supported" if workers_ok else f"not supported: {workers_out[-300:]}"
+    print(f"bench: ipv6milter's Workers key: {info['workers']}", flush=True)
+    for c in configs:
+        if c.name == "ipv6milter_w1" and not workers_ok:
+            c.skipped = f"this ipv6milter does not know the Workers key (ipv6milter -n: " \
+                        f"{workers_out[-200:]})"
+        if c.name == "ipv6milter" and not workers_ok:
+            c.label = "ipv6milter (enforce, one process: no Workers key)"
 
     key, record = make_key(2048)
     messages = {size: load.make_message(size, key) for size in SIZES}
@@ -561,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = {"info": info, "args": vars(args)}
     with contextlib.ExitStack() as stack:
         dns = stack.enter_context(run_knot(workdir / "knot", key, record))
-        sink = stack.enter_context(run_smtp_sink(workdir))
+        sink = stack.enter_context(run_sink())
         resolv = rundir / "resolv.conf"
         resolv.write_text(f"nameserver {dns.addr53}\noptions timeout:2 attempts:2\n")
         print(f"bench: Knot on 127.0.0.1/::1 port {dns.port} and {dns.addr53} port 53",
@@ -573,13 +612,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def stop_daemons() -> None:
             for m in daemons.values():
-                if m.proc.poll() is None:
-                    m.proc.send_signal(signal.SIGTERM)
+                m.terminate()
             for m in daemons.values():
-                stop_process(m.proc, timeout=15)
+                m.stop(timeout=15)
 
         stack.callback(stop_daemons)
-        wanted = {d for c in configs for d in c.daemons}
+        wanted = {d for c in configs if not c.skipped for d in c.daemons}
         for name in sorted(wanted):
             if name not in cmds:
                 continue
@@ -589,24 +627,25 @@ def main(argv: list[str] | None = None) -> int:
                                              resolv_conf=resolv if cmd.private_resolv else None,
                                              env=cmd.env)
                 print(f"bench: {name} running, pid {daemons[name].pid}", flush=True)
-                idle_rss[name] = _vmrss_kib(daemons[name].pid) / 1024
+                idle_rss[name] = _idle_rss_kib(daemons[name].pid) / 1024
             except BenchError as e:
                 print(f"bench: {name} did not start: {e}", flush=True)
         for c in configs:
             missing = [d for d in c.daemons if d not in daemons]
-            if missing:
+            if missing and not c.skipped:
                 c.skipped = f"not available: {', '.join(missing)} (not installed or did not start)"
         live = [c for c in configs if not c.skipped]
-        specs = {c.name: ",".join(daemons[d].spec for d in c.daemons) for c in live}
-        postfix = stack.enter_context(run_postfix(workdir, sink.port, specs))
+        specs = {c.name: ",".join(daemons[d].socket_spec for d in c.daemons) for c in live}
+        postfix = stack.enter_context(run_postfix(
+            workdir, sink.port, specs, {c.name: c.service for c in live if c.service}))
         bench = Bench(postfix, daemons, messages, files)
         bench.deadline = started + 60 * args.max_minutes
 
         # 1. Did each configuration do its work?  One delivered sample each.
         for c in live:
             try:
-                send_sample(postfix.ports[c.name], messages[4096], c.name)
-                raw = wait_sample(sink.dumpdir, c.name)
+                send_sample(postfix.ports[c.name], messages[4096], c.name, c.client)
+                raw = wait_sample(sink, c.name)
             except (BenchError, load.SmtpError, OSError) as e:
                 c.skipped = f"verification sample failed: {e}"
                 continue
@@ -619,10 +658,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: verify {c.name}: {c.skipped or c.verified}", flush=True)
         live = [c for c in live if not c.skipped]
 
-        main_confs = [c for c in live if not c.experiment]
+        main_confs = [c for c in live if not c.experiment and not c.scoping]
         exp_confs = [c for c in live if c.experiment]
-        counts = measure(bench, main_confs, CELLS, args.rounds, args.seconds,
-                         args.latency_count, "main")
+        scoping_confs = [c for c in live if c.scoping]
+        counts = measure(bench, main_confs, cells, args.rounds, args.seconds,
+                         args.latency_count, "main") if main_confs else {}
+        if scoping_confs:
+            measure(bench, scoping_confs, scoping_cells, args.rounds, args.seconds,
+                    args.latency_count, "scoping")
         if exp_confs and not args.no_experiments:
             # The baseline is measured again, alternating with its variants.
             base = [c for c in main_confs if c.name in ("noop", "ipv6milter")]
@@ -662,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     result["idle_rss"] = idle_rss
     result["configs"] = [
         {"name": c.name, "label": c.label, "skipped": c.skipped, "verified": c.verified,
-         "daemons": list(c.daemons), "experiment": c.experiment}
+         "daemons": list(c.daemons), "experiment": c.experiment, "scoping": c.scoping,
+         "client": c.client, "service": c.service}
         for c in configs
     ]
     result["samples"] = [vars(s) for s in bench.samples]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import TextIO
 
 from . import authresults, config, policy
-from .config import ConfigError
-from .engine import Engine
+from .config import Config, ConfigError
+from .engine import DeadlineBudget, Engine, Message, split_fields
 from .model import ACCEPT, DkimResult, Verdict
 from .resolver import Resolver
 
@@ -59,6 +60,36 @@ def _read_message(name: str | None) -> bytes | None:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def printable(text: str) -> str:
+    """Text from DNS and from the message, fit for a terminal: every
+    non-printable character escaped (an SPF ``exp=`` may carry escape
+    sequences)."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x100:
+            out.append(f"\\x{ord(c):02x}")
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return "".join(out)
+
+
+def collect(cfg: Config, message: bytes) -> Message:
+    """The message as the milter collects it from an MTA: the same fields,
+    the same limits (MaxMessageSize included)."""
+    msg = Message(cfg.max_message_size, cfg.max_signatures, cfg.default_authserv_id(None))
+    fields, body = split_fields(message)
+    for name, value in fields:
+        msg.header(name, value)
+    msg.body(body)
+    return msg
+
+
 def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None) -> int:
     """Judge the message of ``args``; ``resolver`` replaces the configured one (tests)."""
     cfg = config.load(args.config, default_if_missing=args.config is None)
@@ -71,7 +102,7 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
 
     def explain(line: str) -> None:
         if trace is not None:
-            print(f"# {line}", file=out)
+            print(f"# {printable(line)}", file=out)
 
     def show_trace(title: str) -> None:
         if trace:
@@ -96,25 +127,32 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
     opted_in = 0
     refusals: list[tuple[str, Verdict]] = []
     if scope.in_scope:
-        for rcpt in args.rcpt or [""]:
+        if not args.rcpt:
+            explain("RCPT (none): no recipient given")
+        for rcpt in args.rcpt:
             domain = policy.recipient_domain(rcpt)
-            v = policy.decide_rcpt(cfg, addr, domain, iprev)
+            v = policy.decide_rcpt(cfg, addr, domain, iprev, postmaster=policy.is_postmaster(rcpt))
             explain(
-                f"RCPT {rcpt or '(none)'}: {v.summary}"
+                f"RCPT {rcpt}: {v.summary}"
                 + (f" ({'; '.join(v.reasons)})" if v.reasons else "")
             )
             if v.reply is not None:
                 refusals.append((rcpt, v))
-            elif domain and cfg.accept_domains.matches(domain):
+            elif policy.judged(cfg, rcpt):
                 opted_in += 1
         if refusals and not opted_in:
             verdict = refusals[0][1]
     if checks:
+        # One deadline for SPF and DKIM together, as at the milter's end of message.
+        deadline = time.monotonic() + cfg.stage_timeout
         spf = engine.spf(eff, args.mail_from, args.helo, trace)
         show_trace("SPF lookups")
         explain(f"spf={spf.result}: {spf.detail}")
         if message is not None:
-            dkim = engine.dkim(message, trace)
+            msg = collect(cfg, message)
+            if msg.too_big:
+                explain(f"message: {msg.too_big}: signatures reported, not verified")
+            dkim = engine.dkim_of(msg, DeadlineBudget(deadline, trace))
             show_trace("DKIM key lookups")
             for r in dkim:
                 explain(f"dkim={r.result} d={r.domain or '-'} s={r.selector or '-'}: {r.detail}")

@@ -76,40 +76,74 @@ def normalise_domain(domain: str) -> str:
 
 @dataclass(frozen=True)
 class DomainSet:
-    """The opted-in recipient domains of ``AcceptDomains``."""
+    """The opted-in recipient domains of ``AcceptDomains``.
+
+    ``except_exact`` and ``except_parents`` are the ``!`` entries: an
+    exception wins over every other entry, ``*`` included, so that
+    ``* !legacy.example.com`` reads "every domain but this one" (EOP's rule
+    since October 2024: on by default, opted out per domain).
+    """
 
     exact: frozenset[str] = frozenset()
     parents: frozenset[str] = frozenset()  # ".example.com": subdomains only
     everything: bool = False
+    except_exact: frozenset[str] = frozenset()
+    except_parents: frozenset[str] = frozenset()
 
     def matches(self, domain: str) -> bool:
         d = normalise_domain(domain)
         if not d:
             return False
+        labels = d.split(".")
+        suffixes = [".".join(labels[i:]) for i in range(1, len(labels))]
+        if d in self.except_exact or any(s in self.except_parents for s in suffixes):
+            return False
         if self.everything or d in self.exact:
             return True
-        labels = d.split(".")
-        return any(".".join(labels[i:]) in self.parents for i in range(1, len(labels)))
+        return any(s in self.parents for s in suffixes)
 
     @classmethod
     def from_entries(cls, entries: Iterable[str]) -> DomainSet:
-        exact: set[str] = set()
-        parents: set[str] = set()
+        sets: dict[str, set[str]] = {"exact": set(), "parents": set(), "x_exact": set(),
+                                     "x_parents": set()}
         everything = False
         for raw in entries:
             e = raw.strip()
+            negated = e.startswith("!")
+            if negated:
+                e = e[1:]
+                if e in ("", "*"):
+                    raise ValueProblem(f"an exception names a domain (!example.com): {raw!r}")
+            prefix = "x_" if negated else ""
             if e == "*":
                 everything = True
             elif e.startswith("."):
-                parents.add(_checked_domain(e[1:], raw))
+                sets[prefix + "parents"].add(_checked_domain(e[1:], raw))
             else:
-                exact.add(_checked_domain(e, raw))
-        return cls(frozenset(exact), frozenset(parents), everything)
+                sets[prefix + "exact"].add(_checked_domain(e, raw))
+        return cls(frozenset(sets["exact"]), frozenset(sets["parents"]), everything,
+                   frozenset(sets["x_exact"]), frozenset(sets["x_parents"]))
 
-    def __str__(self) -> str:
+    def entries(self) -> str:
+        """The entries in the form the file takes: parses back to this set."""
         items = (["*"] if self.everything else []) + sorted(self.exact)
         items += sorted("." + p for p in self.parents)
-        return ", ".join(items) or "(none)"
+        items += sorted("!" + d for d in self.except_exact)
+        items += sorted("!." + p for p in self.except_parents)
+        return ", ".join(items)
+
+    def __str__(self) -> str:
+        """The effective rule in words, for ``ipv6milter -n`` and the startup line."""
+        opted = [*sorted(self.exact), *(f"subdomains of {p}" for p in sorted(self.parents))]
+        excepted = [*sorted(self.except_exact),
+                    *(f"subdomains of {p}" for p in sorted(self.except_parents))]
+        if self.everything:
+            rule = "all domains"
+        elif opted:
+            rule = ", ".join(opted)
+        else:
+            return "no domains (every in-scope recipient gets the 550)"
+        return rule + (" except " + ", ".join(excepted) if excepted else "")
 
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
@@ -216,10 +250,27 @@ def parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
     nets = []
     for v in _split_list(value):
         try:
-            nets.append(ipaddress.ip_network(v, strict=False))
+            net = ipaddress.ip_network(v, strict=False)
         except ValueError:
             raise ValueProblem(f"not an address or network: {v!r}") from None
+        nets.append(_unmapped(net))
     return tuple(nets)
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _unmapped(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:192.0.2.5``, ``::ffff:192.0.2.0/120``)
+    means its IPv4 form: a mapped client counts as IPv4 (SPEC §1) and is
+    matched by its IPv4 address."""
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        v4 = net.network_address.ipv4_mapped
+        assert v4 is not None
+        return ipaddress.ip_network(f"{v4}/{net.prefixlen - 96}")
+    return net
 
 
 def _number(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
@@ -243,6 +294,14 @@ def _choice(*words: str) -> Callable[[str], str]:
         return v
 
     return parse
+
+
+def parse_share(value: str) -> int:
+    """``EnforceShare``: a whole percentage, ``%`` allowed after it."""
+    v = value.removesuffix("%").strip()
+    if not v.isdigit() or not 0 <= int(v) <= 100:
+        raise ValueProblem(f"expected a whole percentage 0..100, got {value!r}")
+    return int(v)
 
 
 def parse_umask(value: str) -> int:
@@ -341,6 +400,7 @@ KEYS: tuple[Key, ...] = (
     Key("SkipAuthenticated", "skip_authenticated", parse_bool, "SASL clients out of scope"),
     Key("ReverseDNS", "reverse_dns", _choice("ptr", "fcrdns"), "what a valid PTR means"),
     Key("Mode", "mode", _choice("enforce", "monitor"), "refuse, or only stamp and log"),
+    Key("EnforceShare", "enforce_share", parse_share, "percent of clients enforced"),
     Key("StampAll", "stamp_all", parse_bool, "stamp out-of-scope mail too"),
     Key("Nameservers", "nameservers", parse_nameservers, "resolvers to ask"),
     Key("DNSTimeout", "dns_timeout", _number(float, 0.1, 300), "seconds per DNS lookup"),
@@ -372,6 +432,7 @@ class Config:
     skip_authenticated: bool = True
     reverse_dns: str = "ptr"
     mode: str = "enforce"
+    enforce_share: int = 100  # percent of in-scope /64 networks whose refusals are enforced
     stamp_all: bool = False
     nameservers: tuple[tuple[str, int], ...] = ()
     dns_timeout: float = 5.0
@@ -471,6 +532,9 @@ def _show(attr: str, v: Any) -> str:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if attr == "accept_domains":
+        # The entries parse back; the comment is the rule they make.
+        return f"{v.entries()}  # {v}"
     if attr == "umask":
         return f"{v:03o}"
     if attr == "nameservers":

@@ -3,21 +3,42 @@
 An ``Engine`` owns the live configuration, the resolver and a small thread
 pool.  Lookups that can start early do (PTR at connect, SPF at MAIL FROM),
 in the pool, so that RCPT and end of message wait as little as possible.
-Each started check has its own ``Budget`` of ``StageTimeout`` seconds.
+
+One sender never harms another's mail (SPEC §1), so the pool is only a way
+to start early, never a queue anyone waits in:
+
+* each connection has a ``Session``; at most ``MAX_POOLED`` of its checks are
+  in the pool at a time (queued or running).  A check over that cap is not
+  queued at all: it runs in the connection's own thread when its result is
+  wanted (or never, if the transaction is abandoned first);
+* a check still queued when its result is wanted is taken back from the
+  pool and run by the thread that waits for it: one client's queued work
+  can never push another client's check past its deadline, whatever the
+  pool's backlog;
+* a check abandoned by RSET or a new MAIL FROM is cancelled: a queued one
+  never runs, a running one finds its ``Budget`` spent at its next lookup
+  and stops; an SPF check for the very same identities is reused instead.
+
+``Message`` collects one message as the MTA hands it over, within the
+limits (``MaxMessageSize``, ``MAX_HEADER_FIELDS``, ``MaxSignatures``), for
+the milter and for ``ipv6milter-check`` alike.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import re
 import threading
-from collections.abc import Callable
+import time
+from array import array
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
-from . import dkimcanon
+from . import authresults, dkimcanon
 from .config import Config
-from .dkimcheck import check_dkim
+from .dkimcheck import check_dkim, unverified
 from .iprev import check_iprev
 from .metrics import Metrics
 from .model import DkimResult, IPAddress, Iprev, IprevResult, SpfResult
@@ -28,9 +49,138 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Grace on top of StageTimeout when waiting for a pooled check: the check
-# enforces the budget itself; this only guards against a starved pool.
+# Grace on top of StageTimeout when waiting at RCPT for a check that runs in
+# the pool: the check enforces its budget itself; this only absorbs the
+# scheduling of a loaded machine.
 _WAIT_GRACE = 2.0
+
+# Checks of one connection in the shared pool at a time, queued or running:
+# its PTR check and one SPF check.  An abandoned check still counts until it
+# has stopped (at most one DNSTimeout after it was cancelled), so RSET floods
+# get no more pool threads than a well-behaved client.
+MAX_POOLED = 2
+
+# Header fields kept per message.  Real mail has tens (a long mailing-list
+# path a few hundred); past this many a message is judged as one over
+# MaxMessageSize (without DKIM), so that a flood of tiny fields cannot hold
+# more than a few MiB, whatever MaxMessageSize says.
+MAX_HEADER_FIELDS = 10_000
+
+
+class CancellableBudget(Budget):
+    """A ``Budget`` that can be spent at once from another thread: a check
+    that is no longer wanted stops at its next lookup."""
+
+    def __init__(self, seconds: float, trace: list[str] | None = None):
+        super().__init__(seconds, trace)
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def remaining(self) -> float:
+        return -1.0 if self.cancelled else super().remaining()
+
+
+class Check(Generic[T]):
+    """One check of one connection: run in the pool, in the waiting thread,
+    or not at all."""
+
+    def __init__(self, fn: Callable[[Budget], T], key: Hashable | None, stage_timeout: float):
+        self.fn = fn
+        self.key = key  # equal keys: the same check (reused, not run twice)
+        self.stage_timeout = stage_timeout
+        self.future: Future[T] | None = None
+        self.budget: CancellableBudget | None = None
+        self.cancelled = False
+        self.done = False
+        self.result: T | None = None
+        self._lock = threading.Lock()
+
+    def run(self, seconds: float | None = None) -> T:
+        """Run the check here, with ``seconds`` (default StageTimeout) of DNS time."""
+        budget = CancellableBudget(self.stage_timeout if seconds is None else seconds)
+        with self._lock:
+            self.budget = budget
+            if self.cancelled:
+                budget.cancel()
+        result = self.fn(budget)
+        with self._lock:
+            self.result, self.done = result, True
+        return result
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self.budget is not None:
+                self.budget.cancel()
+        if self.future is not None:
+            self.future.cancel()
+
+
+class Session:
+    """The checks of one connection (one libmilter thread calls it)."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._pooled = 0  # checks of ours in the pool, not finished
+        self._lock = threading.Lock()
+
+    @property
+    def pooled(self) -> int:
+        with self._lock:
+            return self._pooled
+
+    def start(self, fn: Callable[[Budget], T], key: Hashable | None = None) -> Check[T]:
+        """Start ``fn(budget)`` in the pool if this connection is under its cap;
+        otherwise it runs when it is waited for."""
+        check: Check[T] = Check(fn, key, self._engine.cfg.stage_timeout)
+        with self._lock:
+            if self._pooled >= MAX_POOLED:
+                return check
+            self._pooled += 1
+        try:
+            check.future = self._engine.submit(check.run)
+        except RuntimeError:  # the pool is shut down: run it when waited for
+            self._finished(None)
+            return check
+        check.future.add_done_callback(self._finished)
+        return check
+
+    def _finished(self, _fut: object) -> None:
+        with self._lock:
+            self._pooled -= 1
+
+    def wait(self, check: Check[T] | None, fallback: T, deadline: float | None = None) -> T:
+        """The result of ``check``; ``fallback`` if it did not finish in time.
+
+        ``deadline`` (monotonic) bounds the wait, and the DNS time of a check
+        that has to run here; without one, StageTimeout (plus a grace for a
+        check already running) does.
+        """
+        if check is None:
+            return fallback
+        if check.done:  # already waited for (a reused check)
+            return check.result  # type: ignore[return-value]
+        now = time.monotonic()
+        left = check.stage_timeout if deadline is None else deadline - now
+        fut = check.future
+        if fut is None or fut.cancel():
+            # Never queued, or still queued: run it here, in this
+            # connection's own thread, instead of waiting behind others.
+            return check.run(min(check.stage_timeout, left))
+        try:
+            return fut.result(timeout=max(0.0, left + (_WAIT_GRACE if deadline is None else 0)))
+        except concurrent.futures.TimeoutError:
+            log.warning("a DNS check did not finish within StageTimeout; counted as temporary")
+            check.cancel()
+            return fallback
+        except concurrent.futures.CancelledError:
+            return fallback
+
+    def cancel(self, check: Check[T] | None) -> None:
+        if check is not None:
+            check.cancel()
 
 
 class Engine:
@@ -69,39 +219,193 @@ class Engine:
     def budget(self, trace: list[str] | None = None) -> Budget:
         return Budget(self._cfg.stage_timeout, trace)
 
-    # -- the checks, synchronous -----------------------------------------------------
+    def session(self) -> Session:
+        return Session(self)
 
-    def iprev(self, addr: IPAddress, trace: list[str] | None = None) -> IprevResult:
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        return self._pool.submit(fn, *args)
+
+    # -- the checks; ``budget`` None: a fresh one of StageTimeout ------------------------
+
+    def iprev(self, addr: IPAddress, trace: list[str] | None = None,
+              budget: Budget | None = None) -> IprevResult:
         with self.metrics.timed("ptr"):
-            return check_iprev(self._resolver, addr, self.budget(trace))
+            return check_iprev(self._resolver, addr, budget or self.budget(trace))
 
-    def spf(
-        self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None
-    ) -> SpfResult:
+    def spf(self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None,
+            budget: Budget | None = None) -> SpfResult:
         with self.metrics.timed("spf"):
-            return check_spf(self._resolver, addr, mail_from, helo, self.budget(trace))
+            return check_spf(self._resolver, addr, mail_from, helo, budget or self.budget(trace))
 
-    def dkim(self, message: bytes, trace: list[str] | None = None) -> tuple[DkimResult, ...]:
+    def dkim(self, message: bytes, trace: list[str] | None = None,
+             budget: Budget | None = None) -> tuple[DkimResult, ...]:
         with self.metrics.timed("dkim"):
             return check_dkim(
-                self._resolver, message, self.budget(trace), self._cfg.max_signatures
+                self._resolver, message, budget or self.budget(trace), self._cfg.max_signatures
             )
 
-    # -- started early, awaited later ---------------------------------------------------
+    def dkim_of(self, msg: Message, budget: Budget) -> tuple[DkimResult, ...]:
+        """DKIM for a collected message: verified, or only reported when too large."""
+        if not msg.signed:
+            return ()
+        if msg.too_big:
+            return unverified(msg.signatures(), msg.too_big, self._cfg.max_signatures)
+        return self.dkim(msg.message(), budget=budget)
+
+    def end_of_message(
+        self, session: Session, iprev: Check[IprevResult] | None, spf: Check[SpfResult] | None,
+        msg: Message, trace: list[str] | None = None,
+    ) -> tuple[IprevResult, SpfResult, tuple[DkimResult, ...]]:
+        """The end-of-message stage under one deadline (SPEC §1): DKIM is
+        verified here while SPF may still run in the pool, then the waits for
+        SPF and the PTR check share what is left of one StageTimeout."""
+        deadline = time.monotonic() + self._cfg.stage_timeout
+        dkim = self.dkim_of(msg, DeadlineBudget(deadline, trace))
+        spf_result = session.wait(spf, SPF_UNFINISHED, deadline)
+        iprev_result = session.wait(iprev, IPREV_UNFINISHED, deadline)
+        return iprev_result, spf_result, dkim
+
+    # -- the pool, for callers without a session (bench, older callers) -------------------
 
     def start(self, fn: Callable[..., T], *args: object) -> Future[T]:
         return self._pool.submit(fn, *args)
 
     def wait(self, fut: Future[T] | None, fallback: T) -> T:
-        """The result of a started check; ``fallback`` if it never finished in time."""
         if fut is None:
             return fallback
         try:
             return fut.result(timeout=self._cfg.stage_timeout + _WAIT_GRACE)
         except concurrent.futures.TimeoutError:
-            log.warning("a DNS check did not finish within StageTimeout; counted as temporary")
             fut.cancel()
             return fallback
 
 
+class DeadlineBudget(Budget):
+    """A budget that ends at a given moment (one deadline shared by a stage)."""
+
+    def __init__(self, deadline: float, trace: list[str] | None = None):
+        super().__init__(0, trace)
+        self.deadline = deadline
+
+
 IPREV_UNFINISHED = IprevResult(Iprev.TEMPERROR, ptr_temperror=True, detail="did not finish in time")
+SPF_UNFINISHED = SpfResult("temperror", "", "mailfrom", "did not finish in time")
+
+
+# -- the message, within the limits -----------------------------------------------------------
+
+_LINE_END = re.compile(rb"\r?\n")
+_SIGNATURE = "dkim-signature"
+
+
+class Message:
+    """One message's header fields and body as the MTA hands them over.
+
+    ``MaxMessageSize`` counts the message's bytes (each field as
+    ``name: value`` and its line end, the blank line, the body).  Past it, or
+    past ``MAX_HEADER_FIELDS`` fields, nothing more is kept but the topmost
+    ``max_signatures`` DKIM-Signature fields (to be reported) and the
+    indexes of the Authentication-Results fields that claim ``authserv_id``
+    (to be deleted): memory stays bounded whatever follows.
+
+    ``leading_space``: values arrive with the space after the colon (libmilter's
+    ``P_HDR_LEADSPC``, and ``ipv6milter-check``), so ``name:value`` rebuilds the
+    field byte for byte.
+    """
+
+    def __init__(self, max_size: int, max_signatures: int, authserv_id: str,
+                 leading_space: bool = True):
+        self.max_size = max_size
+        self.max_signatures = max_signatures
+        self.authserv_id = authserv_id
+        self._our_id = authserv_id.lower()
+        self._sep = b":" if leading_space else b": "
+        self.headers: list[tuple[str, bytes]] = []
+        self.chunks: list[bytes] = []
+        self._sigs: list[bytes] = []  # the topmost signatures, kept past the limits
+        self.signed = False  # a DKIM-Signature field was seen
+        self.ar_count = 0  # Authentication-Results fields seen
+        self._ours = array("I")  # 1-based indexes of those claiming our authserv-id
+        self.fields = 0
+        self.size = 2  # the blank line after the header
+        self.too_big = ""  # why the message is judged without DKIM, once it is
+
+    def header(self, name: str, value: bytes) -> None:
+        lname = name.lower()
+        if lname == "authentication-results":
+            self.ar_count += 1
+            if authresults.authserv_id_of(value.decode("utf-8", "replace")) == self._our_id:
+                self._ours.append(self.ar_count)
+        elif lname == _SIGNATURE:
+            self.signed = True
+            if len(self._sigs) < self.max_signatures:
+                self._sigs.append(value)
+        self.fields += 1
+        n = len(name) + len(self._sep) + len(value) + 2
+        if b"\n" in value:  # folded: counted with CRLF line ends, as rebuilt
+            n += value.count(b"\n") - value.count(b"\r\n")
+        self._count(n)
+        if not self.too_big and self.fields > MAX_HEADER_FIELDS:
+            self._drop(f"more than {MAX_HEADER_FIELDS} header fields")
+        if not self.too_big:
+            self.headers.append((name, value))
+
+    def body(self, chunk: bytes) -> None:
+        self._count(len(chunk))
+        if not self.too_big:
+            self.chunks.append(chunk)
+
+    def _count(self, n: int) -> None:
+        self.size += n
+        if self.size > self.max_size and not self.too_big:
+            self._drop("message too large")
+
+    def _drop(self, why: str) -> None:
+        self.too_big = why
+        self.headers = []
+        self.chunks = []
+
+    def forged_indexes(self) -> list[int]:
+        """Indexes (1-based, among Authentication-Results) of the fields that
+        claim our authserv-id, highest first (RFC 8601 §5)."""
+        return sorted(self._ours, reverse=True)
+
+    def signatures(self) -> list[bytes]:
+        return list(self._sigs)
+
+    def message(self) -> bytes:
+        """The message as received, rebuilt byte for byte (c=simple needs it).
+
+        The body is handed over once: one copy of it is enough.
+        """
+        lines = [name.encode("ascii", "replace") + self._sep + value
+                 for name, value in self.headers]
+        head = _LINE_END.sub(b"\r\n", b"\r\n".join(lines))
+        message = b"".join([head, b"\r\n\r\n", *self.chunks])
+        self.chunks = []
+        return message
+
+
+def split_fields(message: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """Header fields (values with the space after the colon, folding kept)
+    and body of a message file, as an MTA hands them to a milter."""
+    head, sep, body = message.partition(b"\r\n\r\n")
+    if not sep:
+        head, body = message, b""
+    if message.startswith(b"\r\n"):
+        head, body = b"", message[2:]
+    fields: list[tuple[str, bytes]] = []
+    lines = head.split(b"\r\n") if head else []
+    for i, line in enumerate(lines):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\r\n" + line)
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            # Not a header field: the body begins here, as an MTA would take it.
+            rest = b"\r\n".join(lines[i:])
+            body = rest + (b"\r\n\r\n" + body if sep else b"")
+            break
+        fields.append((name.decode("utf-8", "replace"), value))
+    return fields, body

@@ -56,8 +56,9 @@ class Metrics:
             multiprocess_mode="livesum")
         self.decisions = Counter(
             "ipv6milter_decisions",
-            "Policy decisions by stage (rcpt, eom) and reply; in monitor mode the reply "
-            "is the one enforce mode would have given",
+            "Policy decisions by stage (rcpt, eom) and reply; with mode=monitor (Mode "
+            "monitor, or a client outside EnforceShare) the reply is the one enforce mode "
+            "would have given",
             ["stage", "reply", "mode"], registry=r)
         self.results = Counter(
             "ipv6milter_check_results", "Check results by method (iprev, spf, dkim)",
@@ -72,6 +73,10 @@ class Metrics:
         self.reloads = Counter(
             "ipv6milter_config_reloads", "Configuration reloads by result (ok, failed)",
             ["result"], registry=r)
+        self.enforce_share = Gauge(
+            "ipv6milter_enforce_share_percent",
+            "EnforceShare in use: percent of in-scope client networks whose refusals are "
+            "enforced (0 in Mode monitor)", registry=r)
         self.config = Info(
             "ipv6milter_config", "The configuration in use: its digest and source", registry=r)
         # Export the label sets an operator graphs, so rates start at zero
@@ -80,16 +85,27 @@ class Metrics:
             self.dns_cache.labels(label)
         for label in ("ok", "failed"):
             self.reloads.labels(label)
+        self.mode = "enforce"  # the configured Mode, set by loaded()
 
     def loaded(self, cfg: Config) -> None:
         self.config.info({"hash": config_hash(cfg), "source": cfg.source or "built-in"})
+        self.mode = cfg.mode
+        self.enforce_share.set(0 if cfg.monitor else cfg.enforce_share)
+        # A client outside EnforceShare is counted with mode="monitor": export
+        # both label sets while the share is partial.
+        modes = {cfg.mode} | ({"monitor"} if cfg.enforce_share < 100 else set())
         for stage, reply in (("rcpt", "accept"), ("rcpt", "5.2.1"), ("rcpt", "4.7.25"),
                              ("rcpt", "4.4.3"), ("eom", "accept"), ("eom", "4.7.26"),
                              ("eom", "4.4.3"), ("eom", "internal-error")):
-            self.decisions.labels(stage, reply, cfg.mode)
+            for mode in sorted(modes):
+                self.decisions.labels(stage, reply, mode)
 
     def decision(self, stage: str, verdict: Verdict) -> None:
-        self.decisions.labels(stage, reply_label(verdict), verdict.mode).inc()
+        # A refusal carries how this client was handled (a client outside
+        # EnforceShare: "monitor"); an accept is the same in both modes and is
+        # counted under the configured Mode.
+        mode = verdict.mode if verdict.reply is not None else self.mode
+        self.decisions.labels(stage, reply_label(verdict), mode).inc()
 
     def cache(self, hit: bool) -> None:
         self.dns_cache.labels("hit" if hit else "miss").inc()

@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 import Milter
 
 from . import authresults, logfmt, policy, spfcheck
-from .dkimcheck import unverified
-from .engine import IPREV_UNFINISHED, Engine
+from .engine import IPREV_UNFINISHED, SPF_UNFINISHED, Check, Engine, Message
 from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
 
 log = logging.getLogger(__name__)
 
-SPF_UNFINISHED = SpfResult("temperror", "", "mailfrom", "did not finish in time")
-_FIELD_OVERHEAD = 256  # bytes charged per header field on top of its length
+__all__ = ["SPF_UNFINISHED", "Ipv6Milter"]
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,7 +77,14 @@ class Ipv6Milter(Milter.Base):
         self.conn_scope = Scope.LOCAL
         self.helo = ""
         self.j: str | None = None
-        self.iprev_fut: Future[IprevResult] | None = None
+        # The checks of this connection: bounded and cancelled as they are
+        # abandoned, so that no client occupies the shared pool (engine.py).
+        self.session = engine.session()
+        self.iprev_chk: Check[IprevResult] | None = None
+        # The SPF check of an aborted transaction (RSET), kept until the next
+        # MAIL FROM: reused if that asks the same, else cancelled.
+        self.parked_spf: Check[SpfResult] | None = None
+        self.spf_chk: Check[SpfResult] | None = None
         self.connected = False
         self.conn_failed = False  # connect failed: every transaction tempfails
         self._reset_message()
@@ -89,15 +92,12 @@ class Ipv6Milter(Milter.Base):
     def _reset_message(self) -> None:
         self.mail_from: str | None = None
         self.scope = self.conn_scope
-        self.spf_fut: Future[SpfResult] | None = None
+        if self.spf_chk is not None:
+            self.session.cancel(self.parked_spf)
+            self.parked_spf, self.spf_chk = self.spf_chk, None
         self.opted_in = 0
         self.rcpts: list[str] = []
-        self.headers: list[tuple[str, bytes]] = []
-        self.ar_ids: list[str] = []  # authserv-id of each Authentication-Results
-        self.signed = False  # a DKIM-Signature field was seen
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.too_big = False
+        self.msg: Message | None = None
         self.failed = False  # a callback without a reply failed: tempfail at eom
 
     # -- facts ---------------------------------------------------------------
@@ -106,10 +106,31 @@ class Ipv6Milter(Milter.Base):
         return self.addr is not None and (self.scope.in_scope or self.cfg.stamp_all)
 
     def _start_iprev(self) -> None:
-        if self.iprev_fut is None and self._checks_wanted():
+        if self.iprev_chk is None and self._checks_wanted():
             assert self.addr is not None
             addr = policy.effective_address(self.addr)
-            self.iprev_fut = self.engine.start(self.engine.iprev, addr)
+            self.iprev_chk = self.session.start(
+                functools.partial(self.engine.iprev, addr, None))
+
+    def _start_spf(self, mail_from: str) -> None:
+        assert self.addr is not None
+        addr = policy.effective_address(self.addr)
+        key = (addr, mail_from, self.helo, id(self.engine.resolver))
+        prev, self.parked_spf = self.parked_spf, None
+        if prev is not None and prev.key == key and not prev.cancelled and not (
+                prev.done and prev.result is not None and prev.result.result == "temperror"):
+            self.spf_chk = prev  # the same question: its answer is still good
+            return
+        self.session.cancel(prev)
+        self.spf_chk = self.session.start(
+            functools.partial(self.engine.spf, addr, mail_from, self.helo, None), key)
+
+    def _new_message(self) -> Message:
+        return Message(
+            self.cfg.max_message_size, self.cfg.max_signatures,
+            self.cfg.default_authserv_id(self.j or self.getsymval("j")),
+            leading_space=bool(self._protocol & Milter.P_HDR_LEADSPC),
+        )
 
     @_no_reply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> None:
@@ -128,8 +149,11 @@ class Ipv6Milter(Milter.Base):
         if not self.connected:
             self.connected = True
             self.engine.metrics.in_flight.inc()
-        self.iprev_fut = None
+        self.session.cancel(self.iprev_chk)
+        self.iprev_chk = None
         self._reset_message()
+        self.session.cancel(self.parked_spf)
+        self.parked_spf = None
         self._start_iprev()
 
     @Milter.noreply
@@ -145,11 +169,13 @@ class Ipv6Milter(Milter.Base):
         authenticated = bool(self.getsymval("{auth_authen}"))
         self.scope = policy.classify(self.cfg, self.addr, authenticated)
         self.engine.metrics.transactions.labels(self.scope.value).inc()
+        self.msg = self._new_message()
         if self._checks_wanted():
-            assert self.addr is not None
             self._start_iprev()
-            addr = policy.effective_address(self.addr)
-            self.spf_fut = self.engine.start(self.engine.spf, addr, mail_from, self.helo)
+            self._start_spf(mail_from)
+        else:
+            self.session.cancel(self.parked_spf)
+            self.parked_spf = None
 
     @_guarded
     def envrcpt(self, rcpt: str, *params: str) -> int:
@@ -160,10 +186,11 @@ class Ipv6Milter(Milter.Base):
             return Milter.CONTINUE
         assert self.addr is not None
         domain = policy.recipient_domain(rcpt)
-        opted_in = bool(domain) and self.cfg.accept_domains.matches(domain)
+        judged = policy.judged(self.cfg, rcpt)
         start = time.monotonic()
-        iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED) if opted_in else None
-        verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev)
+        iprev = self.session.wait(self.iprev_chk, IPREV_UNFINISHED) if judged else None
+        verdict = policy.decide_rcpt(self.cfg, self.addr, domain, iprev,
+                                     postmaster=policy.is_postmaster(rcpt))
         self.engine.metrics.decision("rcpt", verdict)
         # An accepted recipient is logged at debug level only: the message's
         # own line (stage=eom) records the accept with every recipient domain.
@@ -174,7 +201,7 @@ class Ipv6Milter(Milter.Base):
             return self._refuse(verdict.reply)
         # The message's line lists the recipients it was accepted for.
         self.rcpts.append(rcpt)
-        if opted_in and verdict.reply is None:
+        if judged and verdict.reply is None:
             # Only a recipient enforce mode would take brings the message to
             # the end-of-message decision (in monitor mode too).
             self.opted_in += 1
@@ -183,35 +210,20 @@ class Ipv6Milter(Milter.Base):
     @_no_reply
     @Milter.decode("bytes")
     def header(self, name: str, value: bytes) -> None:
-        lname = name.lower()
-        if lname == "authentication-results":
-            self.ar_ids.append(authresults.authserv_id_of(value.decode("utf-8", "replace")))
-        elif lname == "dkim-signature":
-            self.signed = True
-        # Past MaxMessageSize only the signatures are kept, to be reported.
-        if not self.too_big or lname == "dkim-signature":
-            self.headers.append((name, value))
-        # Each field costs more than its bytes: charge for the overhead too, so
-        # that half a million tiny fields also reach the limit.
-        self._count(len(name) + len(value) + _FIELD_OVERHEAD)
+        # Memory stays bounded: past the limits only the topmost signatures
+        # and the indexes of forged headers are kept (engine.Message).
+        if self.msg is None:
+            self.msg = self._new_message()
+        self.msg.header(name, value)
 
     @_guarded
     def body(self, chunk: bytes) -> int:
         if not self._checks_wanted() and self._protocol & Milter.P_SKIP:
             return Milter.SKIP  # only the headers matter: no DKIM to run
-        if not self.too_big:
-            self.chunks.append(chunk)
-        self._count(len(chunk))
+        if self.msg is None:
+            self.msg = self._new_message()
+        self.msg.body(chunk)
         return Milter.CONTINUE
-
-    def _count(self, n: int) -> None:
-        # Memory stays bounded: past MaxMessageSize nothing more is kept and
-        # the message is judged without DKIM.
-        self.size += n
-        if self.size > self.cfg.max_message_size and not self.too_big:
-            self.too_big = True
-            self.chunks = []
-            self.headers = [(n, v) for n, v in self.headers if n.lower() == "dkim-signature"]
 
     @_guarded
     def eom(self) -> int:
@@ -220,7 +232,8 @@ class Ipv6Milter(Milter.Base):
         if self.conn_failed or self.failed:
             return self._internal_error("eom")
         start = time.monotonic()
-        authserv_id = cfg.default_authserv_id(self.j or self.getsymval("j"))
+        msg = self.msg if self.msg is not None else self._new_message()
+        authserv_id = msg.authserv_id
         stamp = self._checks_wanted()
         iprev = spf = None
         dkim: tuple[DkimResult, ...] = ()
@@ -228,9 +241,8 @@ class Ipv6Milter(Milter.Base):
         if stamp:
             assert self.addr is not None
             with metrics.timed("message"):
-                iprev = self.engine.wait(self.iprev_fut, IPREV_UNFINISHED)
-                spf = self.engine.wait(self.spf_fut, SPF_UNFINISHED)
-                dkim = self._dkim()
+                iprev, spf, dkim = self.engine.end_of_message(
+                    self.session, self.iprev_chk, self.spf_chk, msg)
             metrics.results.labels("iprev", iprev.result.value).inc()
             metrics.results.labels("spf", spf.result).inc()
             for r in dkim or (DkimResult("none"),):
@@ -246,7 +258,7 @@ class Ipv6Milter(Milter.Base):
             return self._refuse(verdict.reply)
         if self.scope is not Scope.TRUSTED:
             # RFC 8601 §5: remove what claims to be ours; highest index first.
-            for idx in authresults.matching_indexes(self.ar_ids, authserv_id):
+            for idx in msg.forged_indexes():
                 self.chgheader(authresults.FIELD, idx, "")
         if stamp:
             addr = policy.effective_address(self.addr) if self.addr else None
@@ -256,28 +268,14 @@ class Ipv6Milter(Milter.Base):
             self.addheader(authresults.FIELD, value, 0)
         return Milter.CONTINUE
 
-    def _dkim(self) -> tuple[DkimResult, ...]:
-        if not self.signed:
-            return ()
-        if self.too_big:
-            sigs = [v for n, v in self.headers if n.lower() == "dkim-signature"]
-            return unverified(sigs, "message too large", self.cfg.max_signatures)
-        return self.engine.dkim(self._message())
-
-    def _message(self) -> bytes:
-        """The message as received, rebuilt byte for byte (c=simple needs it)."""
-        sep = b":" if self._protocol & Milter.P_HDR_LEADSPC else b": "
-        lines = [name.encode("ascii", "replace") + sep + value for name, value in self.headers]
-        head = re.sub(rb"\r?\n", b"\r\n", b"\r\n".join(lines))
-        message = b"".join([head, b"\r\n\r\n", *self.chunks])
-        self.chunks = []  # one copy of the body is enough
-        return message
-
     def abort(self) -> int:
         self._reset_message()
         return Milter.CONTINUE
 
     def close(self) -> int:
+        # Nothing of this connection goes on running for nobody.
+        for check in (self.iprev_chk, self.spf_chk, self.parked_spf):
+            self.session.cancel(check)
         if self.connected:
             self.connected = False
             self.engine.metrics.in_flight.dec()

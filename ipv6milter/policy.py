@@ -6,6 +6,7 @@ The adapter and ``ipv6milter-check`` apply what these return.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -23,11 +24,26 @@ from .model import (
     Verdict,
 )
 
+# libmilter's smfi_setreply refuses a text longer than this (MAXREPLYLEN in
+# libmilter/smfi.c) and the reply would become an internal error: a reply
+# keeps its code, so a text that would be longer is shortened (SPEC §1).
+MAX_REPLY_TEXT = 980
+_ELLIPSIS = "..."
+
+
+def _shortened(value: str, room: int) -> str:
+    """``value`` cut to ``room`` characters, its start and end kept around "..."."""
+    if len(value) <= room:
+        return value
+    keep = max(room - len(_ELLIPSIS), 2)
+    head = keep - keep // 3
+    return value[:head] + _ELLIPSIS + value[len(value) - (keep - head):]
+
 
 def not_opted_in(domain: str) -> Reply:
-    return Reply(
-        "550", "5.2.1", f"Service unavailable, [{domain}] does not accept email over IPv6."
-    )
+    before, after = "Service unavailable, [", "] does not accept email over IPv6."
+    domain = _shortened(domain, MAX_REPLY_TEXT - len(before) - len(after))
+    return Reply("550", "5.2.1", f"{before}{domain}{after}")
 
 
 def no_reverse_dns(addr: IPAddress) -> Reply:
@@ -101,13 +117,35 @@ def effective_address(addr: IPAddress) -> IPAddress:
 # -- recipient stage -------------------------------------------------------------------
 
 
-def recipient_domain(rcpt: str) -> str:
-    """The domain of RCPT TO's address, lower case, trailing dot removed."""
+def _address(rcpt: str) -> str:
+    """RCPT TO's address without brackets and source route."""
     a = rcpt.strip()
     if a.startswith("<") and a.endswith(">"):
         a = a[1:-1]
     if a.startswith("@") and ":" in a:
         a = a.split(":", 1)[1]
+    return a.strip()
+
+
+def is_postmaster(rcpt: str) -> bool:
+    """``<postmaster>`` without a domain, any case (RFC 5321 §4.5.1)."""
+    return _address(rcpt).lower() == "postmaster"
+
+
+def judged(cfg: Config, rcpt: str) -> bool:
+    """Whether a recipient brings the policy to bear (SPEC §1): an opted-in
+    domain, or no domain at all except ``<postmaster>``.  A recipient without
+    a domain belongs to the receiving MTA itself: the milter cannot know
+    whether it opted in, but it is no way around the PTR and SPF/DKIM checks."""
+    domain = recipient_domain(rcpt)
+    if not domain:
+        return not is_postmaster(rcpt)
+    return cfg.accept_domains.matches(domain)
+
+
+def recipient_domain(rcpt: str) -> str:
+    """The domain of RCPT TO's address, lower case, trailing dot removed."""
+    a = _address(rcpt)
     if "@" not in a:
         return ""
     return a.rpartition("@")[2].strip().rstrip(".").lower()
@@ -130,24 +168,28 @@ def ptr_valid(cfg: Config, iprev: IprevResult) -> bool | None:
     return bool(iprev.names)
 
 
-def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | None) -> Verdict:
+def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | None,
+                *, postmaster: bool = False) -> Verdict:
     """One recipient of an in-scope client.
 
-    The opt-in check comes first and wins over any PTR problem (SPEC §1);
-    a recipient without a domain (RFC 5321 ``<postmaster>``) is never refused.
-    ``iprev`` is only needed for an opted-in domain; None stands for a lookup
-    that did not finish in time.
+    The opt-in check comes first and wins over any PTR problem (SPEC §1).
+    ``<postmaster>`` (``postmaster``, no domain) is never refused; any other
+    recipient without a domain never gets the 550 but is judged like an
+    opted-in one.  ``iprev`` is only needed for a judged recipient; None
+    stands for a lookup that did not finish in time.
     """
-    if not domain:
+    if not domain and postmaster:
         return ACCEPT
-    if not cfg.accept_domains.matches(domain):
-        return _verdict(cfg, not_opted_in(_reply_domain(domain)), "domain not opted in")
+    if domain and not cfg.accept_domains.matches(domain):
+        return _verdict(cfg, addr, not_opted_in(_reply_domain(domain)), "domain not opted in")
     valid = ptr_valid(cfg, iprev) if iprev is not None else None
     if valid:
         return ACCEPT
     if valid is None:
-        return _verdict(cfg, dns_tempfail("reverse DNS", addr), "PTR lookup failed temporarily")
-    return _verdict(cfg, no_reverse_dns(addr), f"reverse DNS ({cfg.reverse_dns}) not valid")
+        return _verdict(
+            cfg, addr, dns_tempfail("reverse DNS", addr), "PTR lookup failed temporarily"
+        )
+    return _verdict(cfg, addr, no_reverse_dns(addr), f"reverse DNS ({cfg.reverse_dns}) not valid")
 
 
 # -- end of message ---------------------------------------------------------------------
@@ -165,11 +207,39 @@ def decide_eom(
         return ACCEPT
     if spf_result == "temperror" or any(r.result == "temperror" for r in dkim):
         return _verdict(
-            cfg, dns_tempfail("SPF and DKIM", addr), "SPF or DKIM key lookup failed temporarily"
+            cfg, addr, dns_tempfail("SPF and DKIM", addr),
+            "SPF or DKIM key lookup failed temporarily",
         )
-    return _verdict(cfg, not_authenticated(addr), "neither SPF nor DKIM passed")
+    return _verdict(cfg, addr, not_authenticated(addr), "neither SPF nor DKIM passed")
 
 
-def _verdict(cfg: Config, reply: Reply, reason: str) -> Verdict:
-    # Monitor mode: the reply enforce mode would give, recorded, not sent.
-    return Verdict(reply=reply, enforced=not cfg.monitor, reasons=(reason,), mode=cfg.mode)
+# -- staged enforcement -----------------------------------------------------------------
+
+
+def share_bucket(addr: IPAddress) -> int:
+    """0..99 for the client's network: its /64 (an IPv4 client: its /24).
+
+    A digest of the packed prefix, not Python's ``hash()`` (salted per
+    process): every worker, every restart and ``ipv6milter-check`` put one
+    network in the same bucket, so a sender that retries gets the same
+    answer, and raising ``EnforceShare`` only adds networks.
+    """
+    packed = addr.packed[:8] if addr.version == 6 else addr.packed[:3]
+    return int.from_bytes(hashlib.sha256(packed).digest()[:8], "big") % 100
+
+
+def enforced_for(cfg: Config, addr: IPAddress) -> bool:
+    """``Mode enforce`` and the client's network inside ``EnforceShare``."""
+    if cfg.monitor:
+        return False
+    return cfg.enforce_share >= 100 or share_bucket(addr) < cfg.enforce_share
+
+
+def _verdict(cfg: Config, addr: IPAddress, reply: Reply, reason: str) -> Verdict:
+    # Monitor mode, and a client outside EnforceShare: the reply enforce mode
+    # would give, recorded, not sent; mode says which handling the client got.
+    if enforced_for(cfg, addr):
+        return Verdict(reply=reply, enforced=True, reasons=(reason,), mode="enforce")
+    if not cfg.monitor:
+        reason += f"; not enforced: network outside EnforceShare {cfg.enforce_share}%"
+    return Verdict(reply=reply, enforced=False, reasons=(reason,), mode="monitor")

@@ -556,3 +556,23 @@ def test_monitor_mode_never_refuses_and_stamps(
     _, header = delivered_ours(sink, mark)
     assert [r.result for r in by_method(header, "iprev")] == ["permerror"]
     assert [r.result for r in by_method(header, "spf")] == ["fail"]
+
+
+# -- recipients without a domain (SPEC §1) -------------------------------------------------------
+
+
+def test_recipient_without_domain_is_judged_postmaster_is_not(
+    postfix: PostfixInstance, dns: DnsWorld, sink: Sink
+) -> None:
+    """From a client without PTR: ``<root>`` gets 450 4.7.25 (never the 550,
+    never a way around the PTR check), ``<PostMaster>`` is accepted and the
+    message delivered, stamped."""
+    mark = marker()
+    msg = make_message(mark, from_addr="sender@example.com", to="postmaster")
+    out = send(postfix, addr=dns.noptr_ip, mail_from="sender@example.com",
+               rcpts=["root", "PostMaster"], message=msg)
+    assert [str(r) for r in out.rcpts[:1]] == [no_ptr(dns.noptr_ip)]
+    assert out.rcpts[1].code == 250, out.rcpts
+    assert out.data is not None and out.data.code == 250, out
+    _, header = delivered_ours(sink, mark)
+    assert [r.result for r in by_method(header, "iprev")] == ["permerror"]

@@ -94,11 +94,13 @@ def test_deb_contents_and_dependencies(built_deb: Built) -> None:
     for f in (
         "/usr/bin/ipv6milter",
         "/usr/bin/ipv6milter-check",
+        "/usr/bin/ipv6milter-report",
         "/etc/ipv6milter/ipv6milter.conf",
         "/lib/systemd/system/ipv6milter.service",
         "/usr/share/man/man8/ipv6milter.8.gz",
         "/usr/share/man/man5/ipv6milter.conf.5.gz",
         "/usr/share/man/man1/ipv6milter-check.1.gz",
+        "/usr/share/man/man1/ipv6milter-report.1.gz",
         "/usr/share/doc/ipv6milter/README.Debian.gz",
         "/usr/share/doc/ipv6milter/copyright",
         "/usr/lib/python3/dist-packages/ipv6milter/cli.py",
@@ -198,13 +200,15 @@ def test_install_creates_the_system_user_and_the_conffile(installed: Built) -> N
 
 
 def test_installed_commands_use_debians_python(installed: Built) -> None:
-    for cmd in ("/usr/bin/ipv6milter", "/usr/bin/ipv6milter-check"):
+    for cmd in ("/usr/bin/ipv6milter", "/usr/bin/ipv6milter-check", "/usr/bin/ipv6milter-report"):
         first = Path(cmd).read_text().splitlines()[0]
         assert first == "#! /usr/bin/python3" or first == "#!/usr/bin/python3", first
     out = run(["ipv6milter", "--version"], timeout=60).stdout
     assert out.strip() == f"ipv6milter {version()}"
     out = run(["ipv6milter-check", "--help"], timeout=60).stdout
     assert "--explain" in out
+    out = run(["ipv6milter-report", "--help"], timeout=60).stdout
+    assert "--since" in out
 
 
 def test_installed_conffile_checks(installed: Built) -> None:
@@ -225,7 +229,7 @@ def test_installed_unit_verifies(installed: Built) -> None:
 
 
 def test_installed_man_pages(installed: Built) -> None:
-    for page in ("ipv6milter.8", "ipv6milter.conf.5", "ipv6milter-check.1"):
+    for page in ("ipv6milter.8", "ipv6milter.conf.5", "ipv6milter-check.1", "ipv6milter-report.1"):
         name, _, section = page.rpartition(".")
         r = run(["man", "--warnings", section, name], timeout=60,
                 env={**SYSTEM_ENV, "MANWIDTH": "80"})

@@ -9,12 +9,13 @@ import subprocess
 
 import pytest
 
-from ipv6milter import checkcli, cli, config
+from ipv6milter import checkcli, cli, config, report
 
 from .conftest import CONFFILE, REPO, UNIT, parse_unit, version
 
 MAN = REPO / "docs" / "man"
-PAGES = {"ipv6milter.8": cli, "ipv6milter.conf.5": None, "ipv6milter-check.1": checkcli}
+PAGES = {"ipv6milter.8": cli, "ipv6milter.conf.5": None, "ipv6milter-check.1": checkcli,
+         "ipv6milter-report.1": report}
 
 # -- the systemd unit ----------------------------------------------------------
 
@@ -113,7 +114,7 @@ def test_man_page_renders_without_warnings(page: str) -> None:
         assert "NAME" in r.stdout and "SEE ALSO" in r.stdout
 
 
-@pytest.mark.parametrize("page", ["ipv6milter.8", "ipv6milter-check.1"])
+@pytest.mark.parametrize("page", ["ipv6milter.8", "ipv6milter-check.1", "ipv6milter-report.1"])
 def test_man_page_documents_every_command_line_option(page: str) -> None:
     parser = PAGES[page]._parser()  # type: ignore[union-attr]
     text = re.sub(r"\\f[BIRP]", " ", (MAN / page).read_text()).replace("\\-", "-")

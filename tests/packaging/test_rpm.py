@@ -35,6 +35,7 @@ def test_rpm_file_list(built_rpm: Built) -> None:
     expected = {
         "/usr/bin/ipv6milter",
         "/usr/bin/ipv6milter-check",
+        "/usr/bin/ipv6milter-report",
         "/etc/ipv6milter",
         "/etc/ipv6milter/ipv6milter.conf",
         "/usr/lib/systemd/system/ipv6milter.service",
@@ -42,6 +43,7 @@ def test_rpm_file_list(built_rpm: Built) -> None:
         "/usr/share/man/man8/ipv6milter.8",
         "/usr/share/man/man5/ipv6milter.conf.5",
         "/usr/share/man/man1/ipv6milter-check.1",
+        "/usr/share/man/man1/ipv6milter-report.1",
     }
     assert expected <= {re.sub(r"\.(gz|xz|bz2|zst)$", "", f) for f in files}, files
     sitelib = [f for f in files if re.search(r"/site-packages/ipv6milter/cli\.py$", f)]

@@ -2,14 +2,15 @@
 
 The integration harness starts each server once for a session; here Knot
 and the milter must be killed and brought back on the same port, and DNS
-answers delayed.  What is reused comes from ``tests.integration.harness``
-(not edited here); the rest is small and lives in this file:
+answers delayed.  The servers come from tests/lab.py (shared with the
+integration tests and the benchmark); this file adds:
 
-* ``Knot``: knotd on fixed ports, zones given by the test, stop/start;
+* ``Knot``: knotd on a fixed port of 127.0.0.1, zones given by the test,
+  stop/start (tests.lab.Knot);
 * ``DnsProxy``: a UDP and TCP relay of our own in front of Knot, whose
   answers can be delayed, or whose ports can be closed;
 * ``MilterRunner``: ``ipv6milter -c FILE`` on a fixed port, SIGKILL and
-  restart, its peak and current RSS from /proc.
+  restart, its peak and current RSS from /proc (tests.lab.MilterRunner).
 
 Everything listens on 127.0.0.1 only.
 """
@@ -17,99 +18,28 @@ Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
-from tests.integration.harness import (
-    HarnessError,
+from tests import lab
+from tests.lab import (  # noqa: F401  (re-exported: tests import them from here)
+    Knot,
+    Started,
     free_port,
+    kib,
     log_tail,
     milter_command,
+    proc_status,
     tcp_open,
     wait_until,
     zone_file,
     zone_ready,
 )
-
-# -- Knot ------------------------------------------------------------------------------
-
-
-class Knot:
-    """knotd, authoritative for ``zones``, on 127.0.0.1:``port``; stop() and
-    start() again keep the port and the zones."""
-
-    def __init__(self, workdir: Path, zones: dict[str, list[str]]):
-        self.workdir = workdir
-        self.zones = zones
-        self.port = free_port()
-        self.log = workdir / "knot.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        zonedir = workdir / "zones"
-        zonedir.mkdir(parents=True)
-        conf = []
-        for origin, records in zones.items():
-            (zonedir / f"{origin}.zone").write_text(zone_file(origin, records))
-            conf.append(f"  - domain: {origin}\n    file: {origin}.zone\n")
-        self.conf = workdir / "knot.conf"
-        self.conf.write_text(
-            f"server:\n"
-            f"    rundir: {workdir}\n"
-            f"    listen: [ 127.0.0.1@{self.port} ]\n"
-            f"database:\n"
-            f"    storage: {workdir}/db\n"
-            f"control:\n"
-            f"    listen: {workdir}/knot.sock\n"
-            f"log:\n"
-            f"  - target: stderr\n"
-            f"    any: notice\n"
-            f"template:\n"
-            f"  - id: default\n"
-            f"    storage: {zonedir}\n"
-            f"    zonefile-sync: -1\n"
-            f"    zonefile-load: whole\n"
-            f"    journal-content: none\n"
-            f"    semantic-checks: off\n"
-            f"zone:\n" + "".join(conf)
-        )
-
-    def start(self) -> None:
-        knotd = shutil.which("knotd") or "/usr/sbin/knotd"
-        with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [knotd, "-c", str(self.conf)], stdout=fh, stderr=subprocess.STDOUT
-            )
-        proc = self.proc
-
-        def gone() -> str | None:
-            if proc.poll() is None:
-                return None
-            return f"knotd exited with {proc.returncode}:\n{log_tail(self.log)}"
-
-        here = ("127.0.0.1",)
-        wait_until("knotd", lambda: all(zone_ready(self.port, z, here) for z in self.zones),
-                   30, gone)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    @property
-    def nameserver(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
+from tests.lab import LabError as HarnessError  # noqa: F401
 
 # -- a DNS relay that can be slowed down or switched off ---------------------------------
 
@@ -256,116 +186,20 @@ def _read_tcp_message(sock: socket.socket) -> bytes | None:
 # -- the milter, on a port that survives a restart ---------------------------------------
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
-
-
-def kib(value: str) -> int:
-    """``12345 kB`` -> 12345."""
-    return int(value.split()[0])
-
-
-@dataclass
-class Started:
-    """When a (re)start began and when the socket first accepted."""
-
-    spawned: float
-    listening: float
-
-
-class MilterRunner:
+class MilterRunner(lab.MilterRunner):
     """``ipv6milter -c FILE`` on 127.0.0.1:``port``, restartable on that port."""
 
-    def __init__(self, workdir: Path, name: str, settings: dict[str, str]):
-        self.port = free_port()
-        self.name = name
-        self.config = workdir / f"{name}.conf"
-        self.log = workdir / f"{name}.log"
-        self.config.write_text(
-            f"# ipv6milter for the reliability tests ({name})\n"
-            + "".join(
-                f"{k} {v}\n"
-                for k, v in {"Socket": f"inet:{self.port}@127.0.0.1", **settings}.items()
-            )
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts: list[Started] = []
+    def __init__(self, workdir: Path, name: str, settings: Mapping[str, str], **kw: object):
+        super().__init__(workdir, name, settings, comment="ipv6milter for the reliability tests",
+                         **kw)  # type: ignore[arg-type]
 
-    @property
-    def socket_spec(self) -> str:
-        return f"inet:127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> Started:
-        spawned = time.monotonic()
-        with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [milter_command(), "-c", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
-        proc = self.proc
-
-        def gone() -> str | None:
-            if proc.poll() is None:
-                return None
-            return f"exited with status {proc.returncode}; log:\n{log_tail(self.log)}"
-
-        deadline = time.monotonic() + 20
-        while not tcp_open("127.0.0.1", self.port):
-            reason = gone()
-            if reason:
-                raise HarnessError(f"ipv6milter ({self.name}): {reason}")
-            if time.monotonic() > deadline:
-                raise HarnessError(f"ipv6milter ({self.name}) not listening after 20 s")
-            time.sleep(0.005)
-        started = Started(spawned, time.monotonic())
-        self.starts.append(started)
-        return started
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, no goodbye to the MTA."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 20) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        return self.proc.returncode
-
-    def status(self) -> dict[str, str]:
-        return proc_status(self.pid)
-
-    def _processes(self) -> list[int]:
-        """The processes that judge mail: with Workers, the workers (the parent only
-        supervises); a message is judged inside one of them."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        return [int(c) for c in children] or [self.pid]
+    # With Workers the parent only supervises: memory is measured where mail
+    # is judged, in the largest worker (a message lands in one of them).
+    def _judging(self) -> list[int]:
+        return self.pids()[1:] or [self.pid]
 
     def rss_kib(self) -> int:
-        """The largest worker's RSS."""
-        return max(kib(proc_status(p)["VmRSS"]) for p in self._processes())
+        return max(kib(proc_status(p)["VmRSS"]) for p in self._judging())
 
     def hwm_kib(self) -> int:
-        return max(kib(proc_status(p)["VmHWM"]) for p in self._processes())
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return max(kib(proc_status(p)["VmHWM"]) for p in self._judging())

@@ -409,3 +409,81 @@ def test_console_script_config_error_names_the_line(conf):
     assert proc.returncode == 2
     assert f"{path}:3: DNSTimeout: expected a number, got 'fast'" in proc.stderr
     assert proc.stdout == ""
+
+
+# -- one judging path with the milter --
+
+
+def test_explain_escapes_non_printable_text_from_dns(check):
+    zone = {
+        **GOOD_DNS,
+        ("example.com", "TXT"): "v=spf1 -all exp=why.example.com",
+        ("why.example.com", "TXT"): "no \x1b]2;owned\x07 \x1b[31mred\x7f",
+    }
+    o = check([*ARGS, "--rcpt", "b@example.org", "--explain"], zone)
+    assert o.code == 1
+    assert all(c.isprintable() for line in o.lines for c in line), o.out
+    spf_line = next(line for line in o.lines if line.startswith("# spf=fail"))
+    assert "no \\x1b]2;owned\\x07 \\x1b[31mred\\x7f" in spf_line
+    assert checkcli.printable("a\u202eb\U000e0001c\td") == "a\\u202eb\\U000e0001c\\x09d"
+
+
+def test_max_message_size_applies_as_in_the_milter(check, tmp_path: Path, signing_key):
+    """Over MaxMessageSize the signature is reported, not verified (the
+    milter's dkim=neutral): a message that only DKIM could pass is refused."""
+    body = b"line of body text\r\n" * 100
+    msg = MESSAGE.replace(b"Hello.\r\n", body)
+    signed = dkim.sign(msg, b"sel1", b"example.com", signing_key[0]) + msg
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(signed)
+    zone = {
+        **GOOD_DNS,
+        ("example.com", "TXT"): "v=spf1 -all",
+        ("sel1._domainkey.example.com", "TXT"): signing_key[1],
+    }
+    argv = [*ARGS, "--rcpt", "b@example.org", str(eml)]
+    assert check(argv, zone, CONF + f"MaxMessageSize {len(signed)}\n").code == 0
+    o = check([*argv, "--explain"], zone, CONF + f"MaxMessageSize {len(signed) - 1}\n")
+    assert o.code == 1
+    assert R_45726 in o.lines
+    assert "# dkim=neutral d=example.com s=sel1: message too large" in o.lines
+    assert ("sel1._domainkey.example.com", "TXT") not in o.resolver.asked
+
+
+def test_recipients_without_a_domain(check):
+    zone = {k: v for k, v in GOOD_DNS.items() if k[1] != "PTR"}  # no PTR
+    o = check([*ARGS, "--rcpt", "root"], zone)
+    assert (o.code, o.lines) == (1, [R_45725])
+    o = check([*ARGS, "--rcpt", "<@relay.example:root>"], zone)
+    assert (o.code, o.lines) == (1, [R_45725])
+    o = check([*ARGS, "--rcpt", "PostMaster"], zone)
+    assert o.code == 0 and o.lines[0] == "accept"
+    spf_fail = {**GOOD_DNS, ("example.com", "TXT"): "v=spf1 -all"}
+    o = check([*ARGS, "--rcpt", "root"], spf_fail)  # judged at end of message too
+    assert (o.code, o.lines) == (1, [R_45726])
+
+
+@pytest.mark.parametrize("raw", [
+    MESSAGE,
+    b"X-Folded: one\r\n\ttwo\r\n  three\r\nFrom: a@example.com\r\n\r\nbody\r\n\r\n\r\n",
+    b"From: a@example.com\r\nSubject:no space\r\n\r\n",
+    b"From: a@example.com\r\n\r\n",
+])
+def test_a_message_file_is_collected_byte_for_byte(raw: bytes):
+    """ipv6milter-check hands the file to the milter's collector as an MTA
+    would (fields with the space after the colon): it rebuilds it exactly and
+    counts exactly its bytes against MaxMessageSize."""
+    from ipv6milter import config as cfgmod
+
+    msg = checkcli.collect(cfgmod.parse("AuthservID mx.example.org\n"), raw)
+    assert msg.size == len(raw)
+    assert msg.message() == raw
+
+
+def test_a_line_that_is_not_a_field_starts_the_body():
+    from ipv6milter.engine import split_fields
+
+    fields, body = split_fields(b"From: a@example.com\r\nnot a field\r\nmore\r\n\r\nrest\r\n")
+    assert fields == [("From", b" a@example.com")]
+    assert body == b"not a field\r\nmore\r\n\r\nrest\r\n"
+    assert split_fields(b"\r\nonly body\r\n") == ([], b"only body\r\n")

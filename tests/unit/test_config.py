@@ -43,6 +43,7 @@ def test_empty_file_gives_the_documented_defaults():
     assert cfg.reverse_dns == "ptr"
     assert cfg.mode == "enforce"
     assert cfg.monitor is False
+    assert cfg.enforce_share == 100
     assert cfg.stamp_all is False
     assert cfg.nameservers == ()
     assert cfg.dns_timeout == 5.0
@@ -71,6 +72,7 @@ def test_every_key_of_the_spec_is_known():
         "SkipAuthenticated",
         "ReverseDNS",
         "Mode",
+        "EnforceShare",
         "StampAll",
         "Nameservers",
         "DNSTimeout",
@@ -100,6 +102,7 @@ TrustedHosts 10.0.0.0/8, 2001:db8:1::/48
 SkipAuthenticated no
 ReverseDNS fcrdns
 Mode monitor
+EnforceShare 25
 StampAll yes
 Nameservers 192.0.2.53, [2001:db8::53]:5353
 DNSTimeout 2.5
@@ -130,6 +133,7 @@ def test_every_key_is_parsed_to_its_value():
     assert cfg.reverse_dns == "fcrdns"
     assert cfg.mode == "monitor"
     assert cfg.monitor is True
+    assert cfg.enforce_share == 25
     assert cfg.stamp_all is True
     assert cfg.nameservers == (("192.0.2.53", 53), ("2001:db8::53", 5353))
     assert cfg.dns_timeout == 2.5
@@ -422,9 +426,23 @@ def test_idn_subdomain_entry():
     assert not d.matches("bücher.de")
 
 
-def test_domain_set_str_lists_every_entry():
-    assert str(domains("b.example .c.example a.example *")) == "*, a.example, b.example, .c.example"
-    assert str(DomainSet()) == "(none)"
+def test_domain_set_entries_list_every_entry():
+    d = domains("b.example .c.example a.example * !x.example !.y.example")
+    assert d.entries() == "*, a.example, b.example, .c.example, !x.example, !.y.example"
+    assert DomainSet().entries() == ""
+
+
+def test_domain_set_str_is_the_effective_rule():
+    assert str(domains("*")) == "all domains"
+    assert str(domains("* !legacy.example.com")) == "all domains except legacy.example.com"
+    assert str(domains("example.com .example.net !old.example.net")) == (
+        "example.com, subdomains of example.net except old.example.net"
+    )
+    assert str(domains("* !.example.org !a.example")) == (
+        "all domains except a.example, subdomains of example.org"
+    )
+    assert str(DomainSet()) == "no domains (every in-scope recipient gets the 550)"
+    assert str(domains("!only.example")) == "no domains (every in-scope recipient gets the 550)"
 
 
 @pytest.mark.parametrize("prefix", ["", "file:"])
@@ -470,6 +488,119 @@ def test_domain_file_star(tmp_path: Path):
     f = tmp_path / "domains"
     f.write_text("*\n", encoding="utf-8")
     assert domains(str(f)).matches("anything.example")
+
+
+# -- AcceptDomains exceptions (!example.com, !.example.com) --
+
+
+def test_exact_exception_beats_star():
+    d = domains("* !legacy.example.com")
+    assert not d.matches("legacy.example.com")
+    assert not d.matches("LEGACY.Example.COM.")
+    assert d.matches("mail.legacy.example.com")  # an exact exception covers only itself
+    assert d.matches("example.com")
+    assert d.matches("anything.example")
+
+
+def test_subdomain_exception_spares_the_domain_itself():
+    d = domains("* !.example.net")
+    assert not d.matches("mail.example.net")
+    assert not d.matches("a.b.example.net")
+    assert d.matches("example.net")
+    assert d.matches("badexample.net")
+
+
+def test_exception_beats_an_exact_entry_and_a_subdomain_entry():
+    d = domains("legacy.example.com .example.org !legacy.example.com !old.example.org")
+    assert not d.matches("legacy.example.com")
+    assert not d.matches("old.example.org")
+    assert d.matches("new.example.org")
+
+
+def test_exception_order_does_not_matter():
+    assert domains("!legacy.example * ").matches("x.example")
+    assert not domains("!legacy.example * ").matches("legacy.example")
+    assert domains("!legacy.example, *") == domains("*, !legacy.example")
+
+
+def test_exception_alone_opts_nothing_in():
+    d = domains("!legacy.example")
+    assert not d.matches("legacy.example")
+    assert not d.matches("other.example")
+
+
+@pytest.mark.parametrize("configured", ["!bücher.de", "!BÜCHER.de", "!xn--bcher-kva.de"])
+@pytest.mark.parametrize("recipient", ["bücher.de", "XN--BCHER-KVA.DE", "Bücher.de."])
+def test_idn_exception_as_u_label_or_a_label(configured: str, recipient: str):
+    d = domains(f"* {configured}")
+    assert not d.matches(recipient)
+    assert d.matches("bucher.de")
+
+
+def test_idn_subdomain_exception():
+    d = domains("* !.bücher.de")
+    assert d.except_parents == {"xn--bcher-kva.de"}
+    assert not d.matches("mail.xn--bcher-kva.de")
+    assert d.matches("bücher.de")
+
+
+def test_domain_file_with_exceptions(tmp_path: Path):
+    f = tmp_path / "domains"
+    f.write_text("# on by default\n*\n!legacy.example.com  # opted out\n!.old.example\n",
+                 encoding="utf-8")
+    for form in (str(f), f"file:{f}"):
+        d = domains(form)
+        assert d.matches("example.com")
+        assert not d.matches("legacy.example.com")
+        assert not d.matches("mx.old.example")
+        assert d.matches("old.example")
+
+
+def test_domain_file_bad_exception_names_the_files_line(tmp_path: Path):
+    f = tmp_path / "domains"
+    f.write_text("*\n!\n!*\n!bad..example\n!fine.example\n", encoding="utf-8")
+    (error,) = errors(f"AcceptDomains {f}")
+    assert f"{f}:2: an exception names a domain" in error
+    assert f"{f}:3: an exception names a domain" in error
+    assert f"{f}:4: not a domain name: '!bad..example'" in error
+    assert f"{f}:5:" not in error
+
+
+@pytest.mark.parametrize("entry", ["!", "!*", "!!x.example", "!..x.example"])
+def test_bad_exception_is_an_error_naming_the_line(entry: str):
+    (error,) = errors(f"Mode enforce\nAcceptDomains * {entry}")
+    assert error.startswith("test.conf:2: AcceptDomains: ")
+
+
+def test_describe_shows_the_entries_and_the_rule_and_parses_back():
+    cfg = parse("AcceptDomains * !legacy.example.com")
+    (line,) = [x for x in config.describe(cfg) if x.startswith("AcceptDomains")]
+    assert line == "AcceptDomains *, !legacy.example.com  # all domains except legacy.example.com"
+    assert parse(line).accept_domains == cfg.accept_domains
+    empty = [x for x in config.describe(Config()) if x.startswith("AcceptDomains")]
+    assert parse(empty[0]).accept_domains == DomainSet()
+
+
+# -- EnforceShare --
+
+
+@pytest.mark.parametrize(("text", "share"), [("0", 0), ("1", 1), ("50", 50), ("100", 100),
+                                             ("25%", 25), ("007", 7)])
+def test_enforce_share_values(text: str, share: int):
+    assert parse(f"EnforceShare {text}").enforce_share == share
+
+
+@pytest.mark.parametrize("text", ["101", "-1", "12.5", "half", "1e2", "50 %%", "0x10"])
+def test_enforce_share_out_of_range_or_not_a_number_names_the_line(text: str):
+    (error,) = errors(f"# staged\nMode enforce\nEnforceShare {text}")
+    assert error.startswith("test.conf:3: EnforceShare: expected a whole percentage 0..100"), error
+
+
+def test_enforce_share_needs_a_value_and_is_set_once():
+    assert errors("EnforceShare") == ["test.conf:1: EnforceShare needs a value"]
+    assert errors("EnforceShare 10\nenforceshare 20") == [
+        "test.conf:2: EnforceShare already set on line 1"
+    ]
 
 
 # -- Nameservers, Socket, MetricsListen --
@@ -628,11 +759,12 @@ def test_describe_defaults():
     assert config.describe(Config()) == [
         "Socket inet:8894@localhost",
         "AuthservID -",
-        "AcceptDomains (none)",
+        "AcceptDomains   # no domains (every in-scope recipient gets the 550)",
         "TrustedHosts 127.0.0.1/32, ::1/128",
         "SkipAuthenticated yes",
         "ReverseDNS ptr",
         "Mode enforce",
+        "EnforceShare 100",
         "StampAll no",
         "Nameservers -",
         "DNSTimeout 5",
@@ -653,7 +785,8 @@ def test_describe_full_config():
     lines = config.describe(parse(FULL))
     assert "Socket inet6:9999@::1" in lines
     assert "AuthservID mx.example.org" in lines
-    assert "AcceptDomains example.com, .example.net" in lines
+    assert "AcceptDomains example.com, .example.net  # example.com, subdomains of example.net" \
+        in lines
     assert "TrustedHosts 10.0.0.0/8, 2001:db8:1::/48" in lines
     assert "Nameservers 192.0.2.53:53, [2001:db8::53]:5353" in lines
     assert "DNSTimeout 2.5" in lines

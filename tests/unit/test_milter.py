@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from functools import partial
 
 import dkim
@@ -12,8 +14,10 @@ import Milter
 import pytest
 
 from ipv6milter import authresults, config, policy
-from ipv6milter.engine import Engine
+from ipv6milter import engine as engine_mod
+from ipv6milter.engine import Engine, Message
 from ipv6milter.milter import Ipv6Milter
+from ipv6milter.resolver import TempFail
 from tests.dkimkeys import make_key
 from tests.unit.fakedns import TEMP, FakeResolver
 from tests.unit.milterctx import RecordingCtx
@@ -345,7 +349,7 @@ def test_oversized_message_is_judged_without_dkim(resolver: FakeResolver) -> Non
     out = ctx.transaction("x@fail.example", ["b@example.org"], msg, chunk=1000)
     assert out["eom"] == Milter.TEMPFAIL
     assert out["eom_reply"][:2] == ("450", "4.7.26")
-    assert ctx._priv.chunks == []  # nothing past the limit was kept
+    assert ctx._priv.msg.chunks == []  # nothing past the limit was kept
 
 
 def test_internal_error_tempfails_that_message_and_the_milter_goes_on(
@@ -388,17 +392,16 @@ def test_header_callback_needs_no_reply_and_a_failure_there_tempfails_at_eom(
     ctx = ctx_for(cfg(), resolver)
     ctx.connect(GOOD)
     assert ctx._protocol & Milter.P_NR_HDR  # negotiated: the MTA does not wait
-    m = ctx._priv
-    real = m._count
+    real = Message.header
     calls = []
 
-    def broken(n: int) -> None:  # the first header field fails, nothing else
-        calls.append(n)
+    def broken(self: Message, name: str, value: bytes) -> None:  # the first field fails
+        calls.append(name)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        real(n)
+        real(self, name, value)
 
-    monkeypatch.setattr(m, "_count", broken)
+    monkeypatch.setattr(Message, "header", broken)
     with caplog.at_level(logging.ERROR):
         out = ctx.transaction("a@example.com", ["b@example.org"], message())
     assert out["eom"] == Milter.TEMPFAIL
@@ -451,13 +454,217 @@ def test_accepted_recipients_are_logged_at_debug_only(
     assert 'reply="550 5.2.1"' in caplog.records[0].getMessage()
 
 
-def test_header_fields_count_towards_max_message_size(resolver: FakeResolver) -> None:
-    # Many tiny fields must reach the limit too; past it only signatures are kept.
-    ctx = ctx_for(cfg(max_message_size=64 * 1024), resolver)
+def test_max_message_size_counts_the_message_bytes(resolver: FakeResolver) -> None:
+    # No charge per field on top of its bytes: a message under the limit is
+    # verified, whatever its number of fields (issue 11: 573 bytes were
+    # counted as more than 1024).
+    small = message(sign=True)
+    assert len(small) < 1024 - 100
+    c = cfg(max_message_size=1024)
+    ctx = ctx_for(c, resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@fail.example", ["b@example.org"], small)
+    assert out["eom"] == Milter.CONTINUE, out
+    assert results(ctx)["dkim"] == "pass"
+    assert ctx._priv.msg.size == len(small)  # the message's bytes, exactly
+
+
+def test_message_bytes_are_counted_alike_without_leading_space_mode(
+        resolver: FakeResolver) -> None:
+    # Without P_HDR_LEADSPC the MTA strips the space and folds with bare LF:
+    # still the message's own bytes, as it is rebuilt for DKIM.
+    opts = list(Milter.testctx.TestCtx.default_opts)
+    opts[1] &= ~Milter.P_HDR_LEADSPC
+    ctx = ctx_for(cfg(), resolver, opts)
+    ctx.connect(GOOD)
+    msg = message(extra=b"X-Folded: one\r\n\ttwo\r\n\tthree\r\n")
+    ctx.transaction("a@example.com", ["b@example.org"], msg)
+    assert ctx._priv.msg.size == len(msg)
+
+
+def test_past_max_header_fields_only_signatures_are_kept(
+        resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "MAX_HEADER_FIELDS", 50)
+    ctx = ctx_for(cfg(), resolver)
     ctx.connect(GOOD)
     extra = b"".join(b"X-N: %d\r\n" % i for i in range(400))
     out = ctx.transaction("x@fail.example", ["b@example.org"], message(extra=extra, sign=True))
-    m = ctx._priv
-    assert m.too_big
-    assert [n for n, _ in m.headers] == ["DKIM-Signature"]
+    m = ctx._priv.msg
+    assert m.too_big == "more than 50 header fields"
+    assert m.headers == [] and m.chunks == []
+    assert len(m.signatures()) == 1
     assert out["eom_reply"][:2] == ("450", "4.7.26")  # judged without DKIM
+
+
+def test_past_max_message_size_at_most_max_signatures_and_no_ids_are_kept(
+        resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(max_message_size=4096, max_signatures=3), resolver)
+    ctx.connect(GOOD)
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=sel1; h=from; bh=x; b=y\r\n"
+    other = b"Authentication-Results: other.example; spf=pass\r\n"
+    ours = b"Authentication-Results: mx.example.org; spf=pass\r\n"
+    filler = b"X-Filler: " + b"f" * 200 + b"\r\n"
+    extra = filler * 30 + (sig + other) * 500 + ours + other * 100 + ours
+    out = ctx.transaction("a@example.com", ["b@example.org"], message(extra=extra))
+    assert out["eom"] == Milter.CONTINUE
+    m = ctx._priv.msg
+    assert m.too_big and m.headers == []
+    assert len(m.signatures()) == 3
+    assert m.ar_count == 602 and len(m._ours) == 2  # a count and our indexes only
+    chg = [c[2] for c in ctx.calls if c[0] == "chg"]
+    assert chg == [602, 501]
+
+
+# -- one connection never harms another (engine.Session) ----------------------------------
+
+
+class SlowResolver(FakeResolver):
+    """A zone whose names in ``slow`` answer only after that many seconds
+    (or when ``release`` is set), bounded by the check's budget, as a real
+    resolver bounded by the lifetime it is given."""
+
+    def __init__(self, zone: dict, slow: dict[str, float]):
+        super().__init__(zone)
+        self.slow = slow
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def query(self, name, rdtype, budget):  # type: ignore[override]
+        n = str(name).lower().rstrip(".")
+        delay = next((d for suffix, d in self.slow.items() if n.endswith(suffix)), 0.0)
+        if delay and budget.remaining() > 0:
+            with self.lock:
+                self.asked.append((n, rdtype))
+            self.release.wait(min(delay, budget.remaining()))
+            if budget.remaining() <= 0:
+                raise TempFail(f"{n} {rdtype}: timeout")
+            with self.lock:
+                self.asked.pop()
+        with self.lock:
+            return super().query(name, rdtype, budget)
+
+
+def slow_zone(slow: dict[str, float]) -> SlowResolver:
+    base = zone()
+    r = SlowResolver({}, slow)
+    r.zone = dict(base.zone)
+    for i in range(3):
+        r.add(f"inc{i}.slow.example", "TXT", "v=spf1 ?all")
+    r.add("slow.example", "TXT",
+          "v=spf1 " + " ".join(f"include:inc{i}.slow.example" for i in range(3)) + " -all")
+    return r
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def test_rset_cancels_the_running_spf_check_at_its_next_lookup() -> None:
+    r = slow_zone({"slow.example": 30.0})
+    ctx = ctx_for(cfg(), r)
+    ctx.connect(GOOD)
+    m = ctx._priv
+    ctx._envfrom("<a@slow.example>")
+    assert wait_for(lambda: ("slow.example", "TXT") in r.asked)
+    chk = m.spf_chk
+    m.abort()  # RSET
+    ctx._envfrom("<a@example.com>")  # another sender: the parked check is cancelled
+    assert chk.cancelled
+    r.release.set()  # the lookup in flight comes back; nothing more is asked
+    assert wait_for(lambda: chk.future.done())
+    assert chk.future.result().result == "temperror"
+    assert not [q for q in r.asked if q[0].startswith("inc")]
+    assert wait_for(lambda: m.session.pooled == 0)
+
+
+def test_a_mail_from_rset_flood_holds_at_most_max_pooled_checks() -> None:
+    r = slow_zone({"slow.example": 30.0})
+    eng = Engine(cfg(), r, workers=16)
+    ctx = RecordingCtx(partial(Ipv6Milter, eng))
+    ctx.connect(GOOD)
+    m = ctx._priv
+    for i in range(50):
+        ctx._envfrom(f"<a{i}@x{i}.slow.example>")
+        assert m.session.pooled <= engine_mod.MAX_POOLED
+        m.abort()  # RSET
+    # The pool threads busy for this connection, at most the cap: the first
+    # checks are cancelled and the ones over the cap never ran.
+    started = [q for q in r.asked if q[0].endswith("slow.example")]
+    assert len(started) <= engine_mod.MAX_POOLED
+    r.release.set()
+    assert wait_for(lambda: m.session.pooled == 0)
+    ctx._close()
+    eng.shutdown()
+
+
+def test_the_same_mail_from_after_rset_reuses_the_spf_check() -> None:
+    r = slow_zone({"slow.example": 0.2})
+    ctx = ctx_for(cfg(), r)
+    ctx.connect(GOOD)
+    m = ctx._priv
+    ctx._envfrom("<a@slow.example>")
+    first = m.spf_chk
+    m.abort()  # RSET
+    ctx._envfrom("<a@slow.example>")
+    assert m.spf_chk is first and not first.cancelled
+    m.abort()  # RSET
+    ctx._envfrom("<b@slow.example>")  # another identity: a check of its own
+    assert m.spf_chk is not first and first.cancelled
+
+
+def test_queued_work_of_one_client_never_delays_another_clients_check() -> None:
+    """One pool thread, held by a check of another client for longer than
+    StageTimeout: the next client's PTR check, queued behind it, is run by
+    the RCPT that waits for it instead of timing out into 451 4.4.3."""
+    r = slow_zone({"slow.example": 30.0})
+    eng = Engine(cfg(stage_timeout=1.0, dns_timeout=1.0), r, workers=1)
+    hog = eng.session()
+    hog.start(lambda budget: r.query("slow.example", "TXT", engine_mod.Budget(30)))
+    assert wait_for(lambda: ("slow.example", "TXT") in r.asked)
+    ctx = RecordingCtx(partial(Ipv6Milter, eng))
+    ctx.connect(GOOD)
+    start = time.monotonic()
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    elapsed = time.monotonic() - start
+    assert out["rcpt"] == [(Milter.CONTINUE, None)], out
+    assert out["eom"] == Milter.CONTINUE, out
+    assert results(ctx) == {"iprev": "pass", "spf": "pass", "dkim": "none"}
+    assert elapsed < 1.0  # not StageTimeout + grace behind the hog
+    r.release.set()
+    eng.shutdown()
+
+
+def test_end_of_message_waits_for_spf_and_dkim_within_one_stage_timeout() -> None:
+    """SPF that runs out its budget and a slow DKIM key: together they end
+    within one StageTimeout (they used to add up)."""
+    r = slow_zone({"slow.example": 10.0, "_domainkey.example.com": 1.6})
+    ctx = ctx_for(cfg(stage_timeout=2.0, dns_timeout=2.0), r)
+    ctx.connect(GOOD)
+    ctx._envfrom("<a@slow.example>")
+    start = time.monotonic()
+    rest = ctx.transaction("a@slow.example", ["b@example.org"], message(sign=True))
+    elapsed = time.monotonic() - start
+    assert rest["eom"] == Milter.CONTINUE, rest  # DKIM passed in time
+    assert results(ctx)["dkim"] == "pass" and results(ctx)["spf"] == "temperror"
+    assert elapsed < 2.0 + 0.7, elapsed  # 1.6 + 2.0 before
+
+
+def test_recipient_without_domain_is_judged_like_an_opted_in_one(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(NOPTR)
+    out = ctx.transaction("a@example.com", ["root", "@relay.example:root"], message())
+    assert [rc for rc, _ in out["rcpt"]] == [Milter.TEMPFAIL, Milter.TEMPFAIL]
+    assert out["rcpt"][0][1][:2] == ("450", "4.7.25")  # never the 550
+    ctx.connect(GOOD)
+    out = ctx.transaction("x@fail.example", ["root"], message())
+    assert out["rcpt"] == [(Milter.CONTINUE, None)]
+    assert out["eom_reply"][:2] == ("450", "4.7.26")  # and SPF or DKIM at end of message
+    ctx.connect(NOPTR)
+    out = ctx.transaction("x@fail.example", ["PostMaster", "root"], message())
+    assert out["rcpt"][0] == (Milter.CONTINUE, None)
+    assert out["eom"] == Milter.CONTINUE  # postmaster alone: no policy at end of message

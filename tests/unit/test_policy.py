@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 
 import pytest
 
 from ipv6milter import config, policy
+from ipv6milter.metrics import Metrics
 from ipv6milter.model import DkimResult, Iprev, IprevResult, Scope, SpfResult
 
 ADDR = ipaddress.ip_address("2001:db8::25")
@@ -53,6 +55,15 @@ def dk(*results: str) -> tuple[DkimResult, ...]:
 def test_classify(raw: str | None, auth: bool, scope: Scope) -> None:
     assert policy.classify(cfg(), policy.parse_address(raw), auth) is scope
     assert scope.in_scope == (scope is Scope.IPV6)
+
+
+@pytest.mark.parametrize("entry", ["::ffff:192.0.2.5", "::FFFF:192.0.2.0/120",
+                                   "::ffff:c000:205"])
+def test_mapped_trusted_hosts_mean_their_ipv4_form(entry: str) -> None:
+    c = config.parse(f"TrustedHosts {entry}\n")
+    for client in ("::ffff:192.0.2.5", "192.0.2.5", "IPv6:::ffff:192.0.2.5"):
+        assert policy.classify(c, policy.parse_address(client)) is Scope.TRUSTED, client
+    assert policy.classify(c, policy.parse_address("192.0.3.5")) is Scope.IPV4
 
 
 def test_trusted_networks_from_config() -> None:
@@ -110,8 +121,50 @@ def test_recipient_domain(rcpt: str, domain: str) -> None:
     assert policy.recipient_domain(rcpt) == domain
 
 
-def test_recipient_without_domain_is_not_refused() -> None:
-    assert policy.decide_rcpt(cfg(), ADDR, "", None).reply is None
+@pytest.mark.parametrize("rcpt", ["<postmaster>", "<PostMaster>", "postmaster",
+                                  "<@relay.example:POSTMASTER>"])
+def test_postmaster_without_domain_is_never_refused(rcpt: str) -> None:
+    assert policy.is_postmaster(rcpt)
+    assert not policy.judged(cfg(), rcpt)
+    for iprev in (NO_PTR, PTR_TEMP, None):
+        v = policy.decide_rcpt(cfg(), ADDR, policy.recipient_domain(rcpt), iprev,
+                               postmaster=True)
+        assert v.reply is None
+
+
+@pytest.mark.parametrize("rcpt", ["<root>", "<@relay.example:root>", "<Root>", "<>",
+                                  "<postmaster.x>"])
+def test_other_recipients_without_domain_are_judged_but_never_get_550(rcpt: str) -> None:
+    assert not policy.is_postmaster(rcpt) and policy.recipient_domain(rcpt) == ""
+    assert policy.judged(cfg(), rcpt)  # PTR at RCPT, SPF/DKIM at end of message
+    decide = lambda iprev: policy.decide_rcpt(cfg(), ADDR, "", iprev)  # noqa: E731
+    assert decide(PASS).reply is None
+    assert decide(NO_PTR).summary == "450 4.7.25"
+    assert decide(PTR_TEMP).summary == "451 4.4.3"
+    assert decide(None).summary == "451 4.4.3"
+
+
+def test_postmaster_with_a_domain_is_an_ordinary_recipient() -> None:
+    assert not policy.is_postmaster("<postmaster@contoso.com>")
+    assert not policy.judged(cfg(), "<postmaster@contoso.com>")
+    assert policy.judged(cfg(), "<postmaster@example.org>")
+    v = policy.decide_rcpt(cfg(), ADDR, "contoso.com", NO_PTR)
+    assert v.summary == "550 5.2.1"
+
+
+@pytest.mark.parametrize("length", [900, 925, 926, 1000, 5000])
+def test_a_long_domain_keeps_the_550_with_a_shortened_text(length: int) -> None:
+    domain = ("a" * 60 + ".") * (length // 61) + "end.example"
+    v = policy.decide_rcpt(cfg(), ADDR, domain, PASS)
+    assert v.summary == "550 5.2.1"
+    text = v.reply.text
+    assert len(text) <= policy.MAX_REPLY_TEXT
+    assert text.startswith("Service unavailable, [aaaa")
+    assert text.endswith(".end.example] does not accept email over IPv6.")
+    if len(domain) + 56 <= policy.MAX_REPLY_TEXT:
+        assert f"[{domain}]" in text
+    else:
+        assert "..." in text and len(text) == policy.MAX_REPLY_TEXT
 
 
 # -- RCPT: 450 4.7.25 and its DNS failures --------------------------------------------------
@@ -204,3 +257,103 @@ def test_replies_carry_no_percent_for_libmilter() -> None:
               policy.not_authenticated(ADDR), policy.dns_tempfail("x", ADDR),
               policy.INTERNAL_ERROR):
         assert "%" not in r.text and r.code[0] in "45"
+
+
+# -- staged enforcement (EnforceShare) ------------------------------------------------------
+
+
+def _in_bucket(pred: object) -> ipaddress.IPv6Address:
+    """A client address whose /64 falls in a bucket satisfying ``pred``."""
+    for n in range(10_000):
+        a = ipaddress.ip_address(f"2001:db8:{n:x}::25")
+        if pred(policy.share_bucket(a)):  # type: ignore[operator]
+            return a
+    raise AssertionError("no such network")
+
+
+def _refusals(c: config.Config, addr: ipaddress.IPv6Address) -> list[policy.Verdict]:
+    return [policy.decide_rcpt(c, addr, "contoso.com", PASS),
+            policy.decide_rcpt(c, addr, "example.org", NO_PTR),
+            policy.decide_rcpt(c, addr, "example.org", PTR_TEMP),
+            policy.decide_eom(c, addr, spf("fail"), ()),
+            policy.decide_eom(c, addr, spf("temperror"), ())]
+
+
+def test_share_bucket_is_a_stable_digest_of_the_64() -> None:
+    a = ipaddress.ip_address("2001:db8:1:2::25")
+    assert 0 <= policy.share_bucket(a) < 100
+    # Every address of one /64 shares its bucket; the value does not depend on
+    # the process (sha256 of the packed prefix, not hash()).
+    assert policy.share_bucket(ipaddress.ip_address("2001:db8:1:2:ffff::1")) == \
+        policy.share_bucket(a)
+    expected = int.from_bytes(hashlib.sha256(a.packed[:8]).digest()[:8], "big") % 100
+    assert policy.share_bucket(a) == expected
+    buckets = {policy.share_bucket(ipaddress.ip_address(f"2001:db8:{n:x}::1"))
+               for n in range(2000)}
+    assert len(buckets) == 100  # every bucket is reachable
+
+
+def test_share_zero_handles_every_client_as_monitor_mode() -> None:
+    c = cfg(enforce_share=0)
+    for v in _refusals(c, ADDR):
+        assert v.reply is not None and not v.enforced and not v.refuses
+        assert v.mode == "monitor"
+        assert "EnforceShare 0%" in v.reasons[0]
+    assert policy.decide_eom(c, ADDR, spf("pass"), ()) is policy.ACCEPT
+
+
+def test_share_hundred_enforces_every_client() -> None:
+    for v in _refusals(cfg(enforce_share=100), ADDR):
+        assert v.refuses and v.mode == "enforce"
+
+
+def test_partial_share_enforces_inside_and_monitors_outside() -> None:
+    inside = _in_bucket(lambda b: b < 30)
+    outside = _in_bucket(lambda b: b >= 30)
+    c = cfg(enforce_share=30)
+    assert all(v.refuses and v.mode == "enforce" for v in _refusals(c, inside))
+    assert all(not v.enforced and v.mode == "monitor" for v in _refusals(c, outside))
+    # The same /64, another host: the same answer (a retry from a pool).
+    sibling = ipaddress.ip_address(int(outside) + 0x1234)
+    assert not policy.decide_eom(c, sibling, spf("fail"), ()).enforced
+    # Raising the share only adds networks.
+    for share in range(0, 101):
+        if policy.enforced_for(cfg(enforce_share=share), inside):
+            assert policy.enforced_for(cfg(enforce_share=min(100, share + 1)), inside)
+
+
+def test_monitor_mode_wins_over_the_share() -> None:
+    c = cfg(mode="monitor", enforce_share=100)
+    for v in _refusals(c, ADDR):
+        assert not v.enforced and v.mode == "monitor"
+        assert "EnforceShare" not in v.reasons[0]
+
+
+def _count(m: Metrics, stage: str, reply: str, mode: str) -> float:
+    v = m.registry.get_sample_value(
+        "ipv6milter_decisions_total", {"stage": stage, "reply": reply, "mode": mode})
+    return v or 0.0
+
+
+def test_metrics_tell_enforced_from_would_be_refusals() -> None:
+    m = Metrics()
+    c = cfg(enforce_share=50)
+    m.loaded(c)
+    inside = _in_bucket(lambda b: b < 50)
+    outside = _in_bucket(lambda b: b >= 50)
+    # Both label sets are exported from the start while the share is partial.
+    assert m.registry.get_sample_value("ipv6milter_decisions_total", {
+        "stage": "eom", "reply": "4.7.26", "mode": "monitor"}) == 0.0
+    assert m.registry.get_sample_value("ipv6milter_enforce_share_percent") == 50
+    m.decision("eom", policy.decide_eom(c, inside, spf("fail"), ()))
+    m.decision("eom", policy.decide_eom(c, outside, spf("fail"), ()))
+    m.decision("eom", policy.decide_eom(c, outside, spf("fail"), ()))
+    m.decision("eom", policy.decide_eom(c, outside, spf("pass"), ()))
+    assert _count(m, "eom", "4.7.26", "enforce") == 1
+    assert _count(m, "eom", "4.7.26", "monitor") == 2
+    assert _count(m, "eom", "accept", "enforce") == 1
+    # Monitor mode: accepts are counted under it too.
+    m.loaded(cfg(mode="monitor"))
+    m.decision("rcpt", policy.ACCEPT)
+    assert _count(m, "rcpt", "accept", "monitor") == 1
+    assert m.registry.get_sample_value("ipv6milter_enforce_share_percent") == 0
