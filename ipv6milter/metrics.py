@@ -76,7 +76,10 @@ class Metrics:
         self.enforce_share = Gauge(
             "ipv6milter_enforce_share_percent",
             "EnforceShare in use: percent of in-scope client networks whose refusals are "
-            "enforced (0 in Mode monitor)", registry=r)
+            "enforced (0 in Mode monitor)", registry=r,
+            # With workers: one value, not one per process (every live process
+            # has the same configuration once a reload has reached it).
+            multiprocess_mode="livemax")
         self.config = Info(
             "ipv6milter_config", "The configuration in use: its digest and source", registry=r)
         # Export the label sets an operator graphs, so rates start at zero

@@ -199,3 +199,7 @@ def test_metrics_are_one_view_over_all_workers(lab: Lab) -> None:
     assert delta("ipv6milter_decisions_total", stage="rcpt", reply="accept", mode="enforce") == n
     assert delta("ipv6milter_connections_total", scope="ipv6") == n
     assert delta("ipv6milter_check_duration_seconds_count", check="message") == n
+    # One target, not one series per process: no sample carries a pid.
+    assert not [k for k in after if any(name == "pid" for name, _ in k[1])]
+    assert after[("ipv6milter_enforce_share_percent", ())] == 100
+    assert after[("ipv6milter_connections_in_flight", ())] == 0
