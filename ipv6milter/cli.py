@@ -651,10 +651,10 @@ class Daemon:
             except OSError as e:
                 log.error("cannot write PidFile %s: %s", cfg.pid_file, e.strerror or e)
                 return 1
-        if self._ids and not self._probe(preflight):
-            return 1
         # Bound before privileges are dropped, as the milter socket is.
         if not self._open_metrics():
+            return 1
+        if self._ids and not self._probe(preflight):
             return 1
         n = workers_wanted(cfg)
         self.slots = [_Slot(i + 1) for i in range(n)]
@@ -701,6 +701,18 @@ class Daemon:
             code = _EX_PREFLIGHT
             try:
                 self._switch_user()
+                if self.metrics_dir:
+                    # The workers count into files here, as this user.
+                    probe = os.path.join(self.metrics_dir, f"probe_{os.getpid()}.db")
+                    try:
+                        with open(probe, "xb"):
+                            pass
+                        os.unlink(probe)
+                    except OSError as e:
+                        log.error("UserID %s cannot write the metrics directory %s (%s): set "
+                                  "TMPDIR to a directory that user can reach",
+                                  self.cfg.user_id, self.metrics_dir, e.strerror)
+                        raise SystemExit from None
                 preflight.judge(self.cfg)
                 code = 0
             except PreflightError as e:
@@ -708,10 +720,17 @@ class Daemon:
                           "(%s): can that user read the installed package?", self.cfg.user_id, e)
             except OSError as e:
                 log.error("cannot switch to UserID %s: %s", self.cfg.user_id, e)
+            except SystemExit:
+                pass
             finally:
                 _flush_logs()
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
+        if self._metrics_fd is not None:
+            # What the check counted is not the milter's work.
+            for name in os.listdir(self._metrics_fd):
+                if name.endswith(f"_{pid}.db"):
+                    os.unlink(name, dir_fd=self._metrics_fd)
         if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
             if os.WIFSIGNALED(status):
                 log.error("the check as UserID %s was killed by %s", self.cfg.user_id,

@@ -225,6 +225,8 @@ ALLOWED_WRITES = {
     ("cli.py", "os.unlink", "bind_path"),  # the socket's private name, if renaming failed
     ("cli.py", "os.unlink", "self._socket_path"),  # the socket, at a clean stop
     ("cli.py", "os.unlink", "name"),  # the metrics files, by the directory's descriptor
+    ("cli.py", "open", "probe"),  # the check as UserID: can it write the metrics files?
+    ("cli.py", "os.unlink", "probe"),
     ("metrics.py", "os.unlink", "f'gauge_{mode}_{pid}.db'"),  # a dead worker's live gauges
 }
 ALLOWED_PRIVILEGED = {

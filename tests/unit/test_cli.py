@@ -184,12 +184,17 @@ def test_userid_chowns_the_socket_workers_switch_and_both_files_go_at_stop(
     sock = run / "milter.sock"
     pid_file = run / "milter.pid"
     conf = tmp_path / "ipv6milter.conf"
+    mport = free_port()
     conf.write_text(f"Socket unix:{sock}\nUserID nobody:nogroup\nUMask 007\nWorkers 2\n"
-                    f"PidFile {pid_file}\n")
+                    f"PidFile {pid_file}\nMetricsListen 127.0.0.1:{mport}\n")
     log = tmp_path / "stderr.log"
     nogroup = grp.getgrnam("nogroup").gr_gid
+    tmp = run / "tmp"  # the metrics directory goes here
+    tmp.mkdir()
+    tmp.chmod(0o1777)
     with open(log, "wb") as fh:
-        p = subprocess.Popen([BIN, "-c", str(conf)], stderr=fh)
+        p = subprocess.Popen([BIN, "-c", str(conf)], stderr=fh,
+                             env={**os.environ, "TMPDIR": str(tmp)})
     try:
         wait_for(lambda: "workers running as nobody" in log.read_text(), what="privilege drop")
         wait_for(lambda: len(_workers(p.pid)) == 2, what="two workers")
@@ -207,10 +212,18 @@ def test_userid_chowns_the_socket_workers_switch_and_both_files_go_at_stop(
              f"os.setgid({nogroup}); os.setuid(1); s = socket.socket(socket.AF_UNIX); "
              f"s.connect({str(sock)!r}); print('connected')"], capture_output=True, text=True)
         assert probe.stdout.strip() == "connected", probe.stderr
+        # The workers' metrics directory: private, the user's, served by a process as nobody.
+        (mdir,) = tmp.iterdir()
+        assert (mdir.stat().st_uid, oct(mdir.stat().st_mode & 0o777)) == (65534, oct(0o700))
+        wait_for(lambda: accepts(mport), what="the metrics endpoint")
+        metrics_proc = [c for c in _children(p.pid)
+                        if Path(f"/proc/{c}/comm").read_text().strip() == "ipv6milter-metr"]
+        assert len(metrics_proc) == 1 and _status(metrics_proc[0], "Uid") == ["65534"] * 4
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0
         assert not sock.exists() and not pid_file.exists()
-        assert list(sock.parent.iterdir()) == []
+        assert list(tmp.iterdir()) == []
+        assert list(run.iterdir()) == [tmp]
     finally:
         if p.poll() is None:
             p.kill()
@@ -329,6 +342,36 @@ def test_socket_validation_agrees_with_what_libmilter_opens(
          f"milter.setconn({spec!r}); milter.opensocket(True)"],
         capture_output=True, text=True, timeout=30)
     assert (opened.returncode == 0) is ok, opened.stderr
+
+
+def test_a_metrics_directory_userid_cannot_write_stops_the_start(tmp_path: Path) -> None:
+    """pytest's own temporary tree is root's, 0700: nobody cannot reach it."""
+    port = free_port()
+    conf = tmp_path / "ipv6milter.conf"
+    conf.write_text(f"Socket inet:{port}@127.0.0.1\nUserID nobody\n"
+                    f"MetricsListen 127.0.0.1:{free_port()}\n")
+    p = subprocess.run([BIN, "-c", str(conf)], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert p.returncode == 1, p.stderr
+    assert "nobody cannot write the metrics directory" in p.stderr, p.stderr
+    assert not accepts(port)
+    assert [x.name for x in tmp_path.iterdir()] == ["ipv6milter.conf"]  # nothing left
+
+
+def test_a_dead_workers_live_gauges_leave_the_sums_its_counts_stay(tmp_path: Path) -> None:
+    from ipv6milter.metrics import process_dead
+
+    names = ["gauge_livesum_41.db", "gauge_livesum_42.db", "counter_42.db", "histogram_42.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        process_dead(42, fd)
+        process_dead(43, fd)  # nothing of it: no error
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "counter_42.db", "gauge_livesum_41.db", "histogram_42.db"]
 
 
 def test_workers_key() -> None:
