@@ -278,10 +278,11 @@ class Ipv6Milter(Milter.Base):
             self.session.cancel(check)
         if self.connected:
             self.connected = False
-            self.engine.metrics.in_flight.dec()
             # Counted at the end, by the last scope: after XCLIENT the first
-            # connect event was only the proxy.
+            # connect event was only the proxy.  Before in_flight drops, so
+            # that a scrape seeing none in flight sees every one counted.
             self.engine.metrics.connections.labels(self.conn_scope.value).inc()
+            self.engine.metrics.in_flight.dec()
         return Milter.CONTINUE
 
     # -- replies and the decision log ----------------------------------------
