@@ -374,6 +374,36 @@ def test_a_dead_workers_live_gauges_leave_the_sums_its_counts_stay(tmp_path: Pat
         "counter_42.db", "gauge_livesum_41.db", "histogram_42.db"]
 
 
+def test_a_worker_dying_at_once_is_restarted_later_and_later_then_given_up(
+        tmp_path: Path) -> None:
+    d = cli.Daemon(None, config.Config())
+    slot = cli._Slot(1)
+    d.slots = [slot]
+    delays = []
+    for _ in range(cli._MAX_QUICK_DEATHS):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(3)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
+        slot.pid, slot.started = pid, time.monotonic()
+        d._reap()
+        assert slot.pid is None
+        delays.append(round(slot.due - time.monotonic(), 1))
+        if d.failure:
+            break
+    assert delays[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    assert d.failure and "exited with status 3 8 times in a row" in d.failure
+    # A worker that lived is replaced at once, and its count starts again.
+    d.failure = None
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    slot.pid, slot.started, slot.quick_deaths = pid, time.monotonic() - 60, 5
+    d._reap()
+    assert slot.quick_deaths == 0 and slot.due <= time.monotonic()
+
+
 def test_workers_key() -> None:
     assert config.parse("Workers auto").workers == 0
     assert config.parse("Workers 3").workers == 3
