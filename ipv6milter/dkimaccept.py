@@ -170,3 +170,14 @@ def check_key(tags: dict[bytes, bytes], record: bytes) -> Refusal | None:
     if b"y" in flags:
         return _policy("testing mode")
     return None
+
+
+def without_service_type(record: bytes) -> bytes:
+    """``record`` without its ``s=`` tag, once ``check_key`` has accepted it."""
+    try:
+        key = parse_tag_value(record)
+    except InvalidTagValueList:
+        return record
+    if b"s" not in key:
+        return record
+    return b"; ".join(k + b"=" + v for k, v in key.items() if k != b"s")

@@ -295,7 +295,10 @@ def _verify_one(
     refusal = dkimaccept.check_key(tags, record)
     if refusal is not None:
         return describe(value, refusal.result, refusal.reason)
-    problem = _usable_key(name, record)
+    # dkimpy reads s= as one word; "email:tlsrpt" (a list, RFC 6376 §3.6.1)
+    # would make it drop the key.  check_key has judged s= already.
+    dkimpy_record = dkimaccept.without_service_type(record)
+    problem = _usable_key(name, dkimpy_record)
     if problem is not None:
         return describe(value, "permerror", problem)
     algorithm = _body_algorithm(value)
@@ -304,7 +307,7 @@ def _verify_one(
     d.body = bodies[algorithm]  # what DKIM(message) would have parsed
     d.headers, idx = _fields_for(headers, sig_index, dkimaccept.signed_fields(tags))
     try:
-        ok = d.verify(idx=idx, dnsfunc=lambda _name, timeout=5: record)
+        ok = d.verify(idx=idx, dnsfunc=lambda _name, timeout=5: dkimpy_record)
     except dkim.ValidationError as e:
         # After the key: a body hash mismatch and its kin.
         return describe(value, "fail", str(e))
