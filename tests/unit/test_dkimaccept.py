@@ -321,6 +321,17 @@ def test_rsa_key_over_8192_bits_is_policy_and_never_reaches_the_crypto(
     assert no_crypto.calls == []
 
 
+def test_rsa_key_over_8192_bits_with_junk_in_p_is_still_policy(
+        huge: tuple[RsaKey, bytes], no_crypto: CryptoTrap):
+    # dkimpy's base64 decoding skips characters outside the alphabet: so must the check.
+    key, signed = huge
+    junk = "!".join(key.p[i : i + 40] for i in range(0, len(key.p), 40))
+    no_crypto.arm()
+    (res,), _ = judge(signed, zone(f"v=DKIM1; k=rsa; p={junk}"))
+    assert res.result == "policy"
+    assert no_crypto.calls == []
+
+
 def test_rsa_key_over_8192_bits_verifies_in_dkimpy(huge: tuple[RsaKey, bytes]):
     key, signed = huge
     assert dkimpy_verifies(signed, key.record())
