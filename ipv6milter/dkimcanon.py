@@ -16,8 +16,9 @@ and return it untouched when it does not (a body already canonical, as
 dkimcheck hands it over, costs almost nothing).
 
 ``install()`` puts them in place of dkimpy's functions, once per process
-(dkimpy looks the names up at each call).  tests/unit/test_dkimcanon.py holds
-the equivalence to dkimpy's own functions on generated input.
+(dkimpy looks the names up at each call), and with them dkimrsa's RSA
+verification through OpenSSL.  tests/unit/test_dkimcanon.py and
+tests/unit/test_dkimrsa.py hold the equivalence to dkimpy's own functions.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import re
 import threading
 from collections.abc import Callable
 
+import dkim
 import dkim.canonicalization
+
+from . import dkimrsa
 
 # A tab followed by any whitespace, or a space followed by at least one more.
 _RUN_TO_REWRITE = re.compile(rb"\t[\t ]*| [\t ]+")
@@ -45,31 +49,33 @@ def strip_trailing_whitespace(content: bytes) -> bytes:
     return _TRAILING.sub(b"\r\n", content)
 
 
-_REPLACED = ("compress_whitespace", "strip_trailing_whitespace")
-_OURS: dict[str, Callable[[bytes], bytes]] = {
-    "compress_whitespace": compress_whitespace,
-    "strip_trailing_whitespace": strip_trailing_whitespace,
-}
+# (module, name, replacement): dkimpy reads each of these names at call time.
+_REPLACEMENTS: tuple[tuple[object, str, Callable[..., object]], ...] = (
+    (dkim.canonicalization, "compress_whitespace", compress_whitespace),
+    (dkim.canonicalization, "strip_trailing_whitespace", strip_trailing_whitespace),
+    (dkim, "RSASSA_PKCS1_v1_5_verify", dkimrsa.verify),
+)
 _lock = threading.Lock()
 original: Callable[[bytes], bytes] | None = None  # dkimpy's compress_whitespace
-originals: dict[str, Callable[[bytes], bytes]] = {}
+originals: dict[str, Callable[..., object]] = {}
 
 
 def install() -> None:
     global original
     with _lock:
-        for name in _REPLACED:
-            current = getattr(dkim.canonicalization, name)
-            if current is not _OURS[name]:
+        for module, name, ours in _REPLACEMENTS:
+            current = getattr(module, name)
+            if current is not ours:
                 originals[name] = current
-                setattr(dkim.canonicalization, name, _OURS[name])
-        original = originals.get("compress_whitespace")
+                setattr(module, name, ours)
+        original = originals.get("compress_whitespace")  # type: ignore[assignment]
 
 
 def uninstall() -> None:
     global original
     with _lock:
-        for name, fn in originals.items():
-            setattr(dkim.canonicalization, name, fn)
+        for module, name, _ in _REPLACEMENTS:
+            if name in originals:
+                setattr(module, name, originals[name])
         originals.clear()
         original = None
