@@ -170,10 +170,11 @@ def describe(value: bytes, result: str, detail: str) -> DkimResult:
 
 
 def unverified(
-    signatures: Iterable[bytes], detail: str, max_signatures: int
+    signatures: Iterable[bytes], detail: str, max_signatures: int, result: str = "neutral"
 ) -> tuple[DkimResult, ...]:
-    """Signatures reported but not verified (a message over MaxMessageSize)."""
-    return tuple(describe(v, "neutral", detail) for v in list(signatures)[:max_signatures])
+    """Signatures reported but not verified: ``neutral`` for a message over
+    MaxMessageSize, ``permerror`` for one with too many header fields."""
+    return tuple(describe(v, result, detail) for v in list(signatures)[:max_signatures])
 
 
 def _key_name(tags: dict[bytes, bytes]) -> str | None:
