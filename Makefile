@@ -6,6 +6,7 @@ PYTHON   ?= /usr/bin/python3
 VENV     := .venv
 BIN      := $(VENV)/bin
 CONF     ?= docs/examples/ipv6milter.conf
+SPF_SUITE := .cache/pyspf/rfc7208-tests.yml
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages: building pymilter needs libmilter and the Python headers;
@@ -25,7 +26,7 @@ APT_TEST := $(APT_RUN) postfix knot iproute2 openssl m4 prometheus $(APT_PACKAGI
 run: deps-run $(VENV)/.installed
 	$(BIN)/ipv6milter -c $(CONF)
 
-test: deps-test $(VENV)/.test-installed
+test: deps-test $(VENV)/.test-installed $(SPF_SUITE)
 	$(BIN)/ruff check ipv6milter tests
 	$(BIN)/python -m pytest -ra tests
 
@@ -61,6 +62,16 @@ $(VENV)/.test-installed: $(VENV)/bin/python setup.cfg setup.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# The openspf RFC 7208 test suite (tests/conformance/test_rfc7208.py), from the
+# source distribution of the pyspf that is installed; kept in .cache/, never
+# committed.
+$(SPF_SUITE): | $(VENV)/.test-installed
+	@v=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("pyspf"))') && \
+	  rm -rf .cache/pyspf/sdist && mkdir -p .cache/pyspf/sdist && \
+	  $(BIN)/pip download -q --no-deps --no-binary :all: -d .cache/pyspf/sdist "pyspf==$$v" && \
+	  tar -xzf .cache/pyspf/sdist/pyspf-$$v.tar.gz -O pyspf-$$v/test/rfc7208-tests.yml > $@.tmp && \
+	  mv $@.tmp $@ && echo "$@: from pyspf $$v's sdist"
 
 # -- distro packages -----------------------------------------------------------
 #   make deb   build dist/ipv6milter_VERSION-1_all.deb (dpkg-buildpackage, packaging/debian)

@@ -21,6 +21,7 @@ _ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9._-]{
 _DOMAIN = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 _HELO = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
 _B = re.compile(r"^[A-Za-z0-9+/=]{1,64}$")
+_REASON = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,=^/+-]{0,99}")
 
 
 def _token(value: str) -> str | None:
@@ -55,6 +56,20 @@ def _mailfrom_value(identity: str) -> str | None:
     return domain if _DOMAIN.fullmatch(domain) else None
 
 
+def _reason(r: DkimResult) -> str | None:
+    """The comment after ``dkim=policy`` or ``dkim=permerror``: why it did not pass.
+
+    ``detail`` starts with a fixed phrase of ours (dkimaccept's reasons,
+    "no key record", ...), optionally followed by ``": "`` and what a library
+    said about hostile input; only the phrase is written, and only when it is
+    plain text that cannot end the comment or the clause.
+    """
+    if r.result not in ("policy", "permerror"):
+        return None
+    phrase = r.detail.split(": ", 1)[0]
+    return phrase if _REASON.fullmatch(phrase) else None
+
+
 def results_for(
     addr: IPAddress | None,
     iprev: IprevResult | None,
@@ -87,7 +102,10 @@ def results_for(
         out.append(authres.DKIMAuthenticationResult(result="none"))
     for r in dkim:
         res = authres.DKIMAuthenticationResult(
-            result=r.result, header_d=_token(r.domain), header_s=_token(r.selector)
+            result=r.result,
+            result_comment=_reason(r),
+            header_d=_token(r.domain),
+            header_s=_token(r.selector),
         )
         if _B.fullmatch(r.b):
             # Last: authres 1.2.0 drops a quoted value that another property follows.

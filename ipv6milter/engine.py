@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from . import authresults, dkimcanon
+from . import authresults, dkimaccept, dkimcanon
 from .config import Config
 from .dkimcheck import check_dkim, unverified
 from .iprev import check_iprev
@@ -60,11 +60,12 @@ _WAIT_GRACE = 2.0
 # get no more pool threads than a well-behaved client.
 MAX_POOLED = 2
 
-# Header fields kept per message.  Real mail has tens (a long mailing-list
-# path a few hundred); past this many a message is judged as one over
-# MaxMessageSize (without DKIM), so that a flood of tiny fields cannot hold
-# more than a few MiB, whatever MaxMessageSize says.
-MAX_HEADER_FIELDS = 10_000
+# Header fields kept per message: the number DKIM verification accepts
+# (dkimaccept.MAX_HEADER_FIELDS; real mail has tens, a long mailing-list path
+# a few hundred).  Past it the signatures are permerror without being
+# verified, so nothing more is kept: a flood of tiny fields cannot hold more
+# than a few hundred KiB, whatever MaxMessageSize says.
+MAX_HEADER_FIELDS = dkimaccept.MAX_HEADER_FIELDS
 
 
 class CancellableBudget(Budget):
@@ -249,7 +250,10 @@ class Engine:
         if not msg.signed:
             return ()
         if msg.too_big:
-            return unverified(msg.signatures(), msg.too_big, self._cfg.max_signatures)
+            # Too many fields is the signatures' own fault (permerror, as
+            # check_dkim says); a large message is only not verified (neutral).
+            result = "permerror" if msg.too_many_fields else "neutral"
+            return unverified(msg.signatures(), msg.too_big, self._cfg.max_signatures, result)
         return self.dkim(msg.message(), budget=budget)
 
     def end_of_message(
@@ -329,6 +333,7 @@ class Message:
         self.fields = 0
         self.size = 2  # the blank line after the header
         self.too_big = ""  # why the message is judged without DKIM, once it is
+        self.too_many_fields = False
 
     def header(self, name: str, value: bytes) -> None:
         lname = name.lower()
@@ -346,6 +351,7 @@ class Message:
             n += value.count(b"\n") - value.count(b"\r\n")
         self._count(n)
         if not self.too_big and self.fields > MAX_HEADER_FIELDS:
+            self.too_many_fields = True
             self._drop(f"more than {MAX_HEADER_FIELDS} header fields")
         if not self.too_big:
             self.headers.append((name, value))

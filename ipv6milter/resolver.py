@@ -3,8 +3,9 @@
 One ``Resolver`` serves the PTR/FCrDNS lookups, pyspf and dkimpy, so they share
 one TTL-respecting cache and one notion of failure:
 
-* NXDOMAIN, an empty answer or a name that cannot exist is *no data* (an
-  empty list);
+* NXDOMAIN, an empty answer or a name that cannot exist (not valid IDNA,
+  8-bit bytes that are not UTF-8, a label or name too long) is *no data*
+  (an empty list), never a ``TempFail``: asking again cannot help;
 * a timeout, SERVFAIL, REFUSED or no reachable server is ``TempFail``.
 
 Time is bounded twice (SPEC §1): each lookup by ``DNSTimeout``, and all
@@ -38,6 +39,7 @@ import dns.resolver
 import dns.reversename
 import spf
 
+from .config import a_labels
 from .model import IPAddress
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,14 @@ class Resolver:
 
     def query(self, name: str | dns.name.Name, rdtype: str, budget: Budget) -> list[Any]:
         """Return the rdata of ``name``/``rdtype``; [] for no data; raise TempFail."""
+        if isinstance(name, str) and not name.isascii():
+            # IDNA 2008 (config.a_labels), not dnspython's IDNA 2003; a name
+            # that is not valid IDNA cannot exist: no data, not an outage.
+            try:
+                name = a_labels(name)
+            except UnicodeError:
+                budget.note(f"{name!r} {rdtype}: impossible name (not valid IDNA)")
+                return []
         lifetime = min(self.timeout, budget.remaining())
         if lifetime <= 0:
             budget.note(f"{name} {rdtype}: stage time budget spent")
@@ -119,6 +129,7 @@ class Resolver:
             dns.name.NameTooLong,
             dns.name.LabelTooLong,
             dns.name.EmptyLabel,
+            dns.name.IDNAException,
             dns.resolver.YXDOMAIN,
             dns.resolver.NoRootSOA,
         ) as e:
@@ -169,7 +180,14 @@ class Resolver:
         """
 
         def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-            qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+            if isinstance(name, bytes):
+                try:
+                    qname = name.decode("utf-8")  # a U-label d= (RFC 8616 §4)
+                except UnicodeDecodeError:
+                    budget.note(f"{name!r} TXT: impossible name (not UTF-8)")
+                    return None  # 8-bit garbage cannot be a DNS name
+            else:
+                qname = name
             records = self.txt(qname, budget)
             return records[0] if records else None
 

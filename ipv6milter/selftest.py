@@ -1,7 +1,9 @@
 """``ipv6milter --self-test``: what a package's postinst or an admin runs first.
 
-Three checks, one line each: every configured resolver answers a query, the
-milter socket can be bound, and the authserv-id looks like a host name.
+Four checks, one line each: every configured resolver answers a query, the
+milter socket can be bound, the authserv-id looks like a host name, and
+ed25519-sha256 DKIM signatures can be verified (RFC 8463 requires it of a
+verifier; dkimpy needs PyNaCl for it, an optional dependency of its own).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 import socket
 import stat
 from typing import TextIO
+
+import dkim
 
 from .config import Config
 from .resolver import probe_nameservers
@@ -68,8 +72,53 @@ def check_authserv_id(cfg: Config) -> tuple[bool, str]:
     return False, f"authserv-id {name!r} ({source}): not a fully qualified host name"
 
 
+# RFC 8463 Appendix A.3: the example message, as far as its ed25519 signature
+# covers it, and (A.2) the key record of selector brisbane.
+RFC8463_KEY_NAME = b"brisbane._domainkey.football.example.com."
+RFC8463_KEY = b"v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+RFC8463_ED25519_SIGNATURE = (
+    b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed;\r\n"
+    b" d=football.example.com; i=@football.example.com;\r\n"
+    b" q=dns/txt; s=brisbane; t=1528637909; h=from : to :\r\n"
+    b" subject : date : message-id : from : subject : date;\r\n"
+    b" bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8=;\r\n"
+    b" b=/gCrinpcQOoIfuHNQIbq4pgh9kyIK3AQUdt9OdqQehSwhEIug4D11Bus\r\n"
+    b" Fa3bT3FY5OsU7ZbnKELq+eXdp1Q1Dw==\r\n"
+)
+RFC8463_UNSIGNED = (
+    b"From: Joe SixPack <joe@football.example.com>\r\n"
+    b"To: Suzie Q <suzie@shopping.example.net>\r\n"
+    b"Subject: Is dinner ready?\r\n"
+    b"Date: Fri, 11 Jul 2003 21:00:37 -0700 (PDT)\r\n"
+    b"Message-ID: <20030712040037.46341.5F8J@football.example.com>\r\n"
+    b"\r\n"
+    b"Hi.\r\n"
+    b"\r\n"
+    b"We lost the game.  Are you hungry yet?\r\n"
+    b"\r\n"
+    b"Joe.\r\n"
+)
+
+
+def check_ed25519() -> tuple[bool, str]:
+    """Verify RFC 8463's ed25519 example with dkimpy, the key given directly."""
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        return RFC8463_KEY if name == RFC8463_KEY_NAME else None
+
+    try:
+        ok = dkim.DKIM(RFC8463_ED25519_SIGNATURE + RFC8463_UNSIGNED).verify(dnsfunc=dnsfunc)
+    except dkim.DKIMException as e:  # NaClNotFoundError without PyNaCl
+        return False, (f"ed25519 verification: not available ({type(e).__name__}: {e}); "
+                       "install PyNaCl (Debian: python3-nacl)")
+    if not ok:
+        return False, "ed25519 verification: RFC 8463's example does not verify"
+    return True, "ed25519 verification: available (RFC 8463's example verifies)"
+
+
 def self_test(cfg: Config, out: TextIO) -> int:
-    results = [*check_resolvers(cfg), check_socket(cfg.socket), check_authserv_id(cfg)]
+    results = [*check_resolvers(cfg), check_socket(cfg.socket), check_authserv_id(cfg),
+               check_ed25519()]
     for ok, line in results:
         print(f"{'ok  ' if ok else 'FAIL'} {line}", file=out)
     return 0 if all(ok for ok, _ in results) else 1

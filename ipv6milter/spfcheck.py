@@ -42,8 +42,12 @@ def check_spf(
     sender = envelope_address(mail_from)
     if sender:
         scope = "mailfrom"
-        local, _, domain = sender.rpartition("@")
-        d = ascii_domain(domain) if local else None
+        local, at, domain = sender.rpartition("@")
+        d = ascii_domain(domain) if at else None
+        if not local:
+            # RFC 7208 §4.3: a sender without a local part is postmaster
+            # (<@example.net>, as pyspf itself reads it).
+            local = "postmaster"
         if d is None:
             # RFC 7208 §4.3: a malformed domain is "none", with no lookups.
             return SpfResult("none", sender, scope, "no usable domain in MAIL FROM")

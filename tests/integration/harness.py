@@ -17,6 +17,7 @@ Readiness is always polled for, never assumed after a fixed sleep.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import socket
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import dkim
 import dns.reversename
+import nacl.signing
 
 from tests import lab
 from tests.dkimkeys import make_key
@@ -181,6 +183,16 @@ class DnsWorld:
 
 
 SIGNING_DOMAINS = ("example.com", "spffail.test")
+# spffail.test also publishes an ed25519 key (RFC 8463) under this selector.
+ED25519_SELECTOR = "ed"
+_ED25519_SEED = bytes(range(1, 33))  # a fixed test key: the zones are reproducible
+
+
+def ed25519_key() -> tuple[bytes, str]:
+    """The ed25519 test key: its seed in base64 (what dkimpy signs with) and its record."""
+    key = nacl.signing.SigningKey(_ED25519_SEED)
+    public = base64.b64encode(bytes(key.verify_key)).decode("ascii")
+    return base64.b64encode(bytes(key)), f"v=DKIM1; k=ed25519; p={public}"
 
 
 def build_zones() -> dict[str, list[str]]:
@@ -218,6 +230,7 @@ def build_zones() -> dict[str, list[str]]:
         "spffail.test": [
             f"@ TXT {_txt('v=spf1 ip6:2001:db8:ffff::1 -all')}",
             f"{SELECTOR}._domainkey TXT {key_record('spffail.test')}",
+            f"{ED25519_SELECTOR}._domainkey TXT {_txt(ed25519_key()[1])}",
         ],
         # The include cannot be resolved (REFUSED): SPF temperror.
         "tempspf.test": [f"@ TXT {_txt(f'v=spf1 include:spf.{UNSERVED} -all')}"],

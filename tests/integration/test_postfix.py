@@ -10,9 +10,21 @@ from __future__ import annotations
 import re
 import time
 
+import dkim
 import pytest
 
-from .harness import AUTHSERV_ID, NOT_OPTED_IN, UNSERVED, DnsWorld, PostfixInstance, Sink
+from .harness import (
+    AUTHSERV_ID,
+    ED25519_SELECTOR,
+    NOT_OPTED_IN,
+    UNSERVED,
+    DnsWorld,
+    MilterProcess,
+    PostfixInstance,
+    Sink,
+    ed25519_key,
+    wait_until,
+)
 from .replies import TEMPFAIL_DNS, no_ptr, not_authenticated, not_opted_in
 from .smtpclient import (
     Outcome,
@@ -236,6 +248,63 @@ def test_accepted_by_dkim_alone(postfix: PostfixInstance, dns: DnsWorld, sink: S
     }
     # The signature still verifies downstream: the body reached the sink unchanged.
     assert raw.split(b"\r\n\r\n", 1)[1] == signed.split(b"\r\n\r\n", 1)[1]
+
+
+def test_ed25519_only_message_is_accepted(
+    postfix: PostfixInstance, dns: DnsWorld, sink: Sink
+) -> None:
+    """RFC 8463: ed25519-sha256 verifies on every install path (PyNaCl declared)."""
+    mark = marker()
+    msg = make_message(mark, from_addr="someone@spffail.test", to="rcpt@example.com")
+    seed, _ = ed25519_key()
+    signed = dkim.sign(msg, ED25519_SELECTOR.encode(), b"spffail.test", seed,
+                       signature_algorithm=b"ed25519-sha256") + msg
+    out = send(postfix, addr=dns.good_ip, mail_from="someone@spffail.test",
+               rcpts=["rcpt@example.com"], message=signed)
+    assert out.data is not None and out.data.code == 250, out
+    _, header = delivered_ours(sink, mark)
+    (result,) = by_method(header, "dkim")
+    assert (result.result, result.props["header.d"], result.props["header.s"]) == (
+        "pass", "spffail.test", ED25519_SELECTOR)
+
+
+def _rsa_sha1_signed(dns: DnsWorld, mark: str) -> bytes:
+    msg = make_message(mark, from_addr="someone@spffail.test", to="rcpt@example.com")
+    return dkim.sign(msg, dns.selector.encode(), b"spffail.test", dns.keys["spffail.test"],
+                     signature_algorithm=b"rsa-sha1") + msg
+
+
+def test_rsa_sha1_only_message_is_refused_with_dkim_policy(
+    postfix: PostfixInstance, dns: DnsWorld, milter: MilterProcess
+) -> None:
+    """RFC 8301 §3.1: an rsa-sha1 signature that verifies still never passes."""
+    before = len(milter.log_text())
+    out = send(postfix, addr=dns.good_ip, mail_from="someone@spffail.test",
+               rcpts=["rcpt@example.com"], message=_rsa_sha1_signed(dns, marker()))
+    assert out.data is not None
+    assert str(out.data) == not_authenticated(dns.good_ip)
+
+    def logged() -> list[str]:
+        return [line for line in milter.log_text()[before:].splitlines()
+                if "stage=eom" in line and "from_domain=spffail.test" in line]
+
+    wait_until("the eom decision line", lambda: bool(logged()), timeout=10)
+    (line,) = logged()
+    assert " dkim=policy " in line and ' reply="450 4.7.26" ' in line, line
+
+
+def test_rsa_sha1_signature_is_stamped_dkim_policy_with_the_reason(
+    postfix: PostfixInstance, dns: DnsWorld, sink: Sink
+) -> None:
+    mark = marker()
+    out = send(postfix, service="monitor", addr=dns.good_ip, mail_from="someone@spffail.test",
+               rcpts=["rcpt@example.com"], message=_rsa_sha1_signed(dns, mark))
+    assert out.data is not None and out.data.code == 250, out
+    raw, header = delivered_ours(sink, mark)
+    (result,) = by_method(header, "dkim")
+    assert (result.result, result.props["header.d"]) == ("policy", "spffail.test")
+    assert "dkim=policy (rsa-sha1 is not acceptable, RFC 8301) header.d=spffail.test" in unfold(
+        header_fields(raw)[0][1])
 
 
 def _b_tag(signed: bytes) -> str:

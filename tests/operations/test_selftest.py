@@ -25,8 +25,9 @@ def test_all_good(ops: Ops, tmp_path: Path) -> None:
                   Socket=f"inet:{free_port()}@127.0.0.1")
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
-    assert len(lines) == 3 and all(line.startswith("ok ") for line in lines), lines
+    assert len(lines) == 4 and all(line.startswith("ok ") for line in lines), lines
     assert f"resolver {ops.dns.nameserver}: answered" in lines[0]
+    assert lines[3] == "ok   ed25519 verification: available (RFC 8463's example verifies)"
 
 
 def test_dead_resolver_fails(tmp_path: Path) -> None:

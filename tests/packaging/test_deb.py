@@ -49,6 +49,7 @@ DEBIAN = {
     "dnspython": "python3-dnspython",
     "prometheus-client": "python3-prometheus-client",
     "idna": "python3-idna",
+    "cryptography": "python3-cryptography",
 }
 
 

@@ -16,6 +16,7 @@ FEDORA = {
     "dnspython": "python3-dns",
     "prometheus-client": "python3-prometheus_client",
     "idna": "python3-idna",
+    "cryptography": "python3-cryptography",
 }
 
 

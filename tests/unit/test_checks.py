@@ -386,6 +386,18 @@ def test_spf_mail_from_without_a_domain_is_none_without_lookups():
         assert r.asked == []
 
 
+def test_spf_empty_local_part_is_postmaster():
+    # RFC 7208 §4.3: "If the <sender> has no local-part, substitute the string
+    # 'postmaster' for the local-part"; %{l} shows which one was used.
+    zone = {
+        ("example.net", "TXT"): "v=spf1 exists:%{l}.allow.example.net -all",
+        ("postmaster.allow.example.net", "A"): "127.0.0.2",
+    }
+    res, r = spf_check(zone, mail_from="<@example.net>")
+    assert (res.result, res.identity) == ("pass", "postmaster@example.net")
+    assert r.asked == [("example.net", "TXT"), ("postmaster.allow.example.net", "A")]
+
+
 def test_spf_brackets_and_source_route_are_removed():
     res, r = spf_check(
         {("example.com", "TXT"): "v=spf1 +all"}, mail_from="<@relay.example:sender@Example.COM>"
@@ -744,6 +756,7 @@ def real_resolver(stub: StubDns, timeout: float = 5.0) -> Resolver:
         dns.name.NameTooLong(),
         dns.name.EmptyLabel(),
         dns.resolver.YXDOMAIN(),
+        dns.name.IDNAException(),
     ],
 )
 def test_resolver_no_data_is_an_empty_answer(exc: BaseException):
@@ -764,6 +777,37 @@ def test_resolver_no_data_is_an_empty_answer(exc: BaseException):
 def test_resolver_outages_are_tempfail(exc: BaseException):
     with pytest.raises(TempFail):
         real_resolver(StubDns(exc)).query("x.example", "TXT", budget())
+
+
+@pytest.mark.parametrize("name", ["\u0300abc.example", "☃.example", "a\u2028b.example"])
+def test_resolver_name_that_is_not_idna_is_no_data_without_a_query(name: str):
+    stub = StubDns(dns.exception.Timeout())
+    trace: list[str] = []
+    assert real_resolver(stub).query(name, "TXT", Budget(20, trace)) == []
+    assert stub.calls == []
+    assert "impossible name" in trace[0]
+
+
+def test_resolver_u_label_is_asked_as_an_a_label():
+    stub = StubDns([])
+    real_resolver(stub).query("sel1._domainkey.bücher.de", "TXT", budget())
+    assert stub.calls[0]["name"] == "sel1._domainkey.xn--bcher-kva.de"
+
+
+@pytest.mark.parametrize(
+    "name", [b"sel1._domainkey.\xff\xfe.example.", b"s._domainkey.caf\xe9.example."]
+)
+def test_dkim_dnsfunc_8bit_name_is_no_key_without_a_query(name: bytes):
+    stub = StubDns(dns.exception.Timeout())
+    assert real_resolver(stub).dkim_dnsfunc(budget())(name) is None
+    assert stub.calls == []
+
+
+def test_dkim_dnsfunc_utf8_name_is_asked_as_an_a_label():
+    stub = StubDns(['"v=DKIM1; p=AAAA"'])
+    f = real_resolver(stub).dkim_dnsfunc(budget())
+    assert f("sel1._domainkey.bücher.de.".encode()) == b"v=DKIM1; p=AAAA"
+    assert stub.calls[0]["name"] == "sel1._domainkey.xn--bcher-kva.de"
 
 
 def test_resolver_empty_answer_is_no_data():

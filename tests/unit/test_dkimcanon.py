@@ -1,4 +1,4 @@
-"""The faster whitespace compression gives exactly dkimpy's output."""
+"""The faster whitespace passes give exactly dkimpy's output."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from tests.unit.fakedns import FakeResolver
 
 ORIGINAL = dkim.canonicalization.compress_whitespace
 assert ORIGINAL is not dkimcanon.compress_whitespace
+ORIGINAL_STRIP = dkim.canonicalization.strip_trailing_whitespace
+assert ORIGINAL_STRIP is not dkimcanon.strip_trailing_whitespace
 
 bodies = st.lists(st.sampled_from([b" ", b"\t", b"a", b"\r\n", b"  ", b" \t", b"\t ", b"x y"]),
                   max_size=200).map(b"".join)
@@ -29,11 +31,24 @@ def test_same_output_on_any_bytes(body: bytes) -> None:
     assert dkimcanon.compress_whitespace(body) == ORIGINAL(body)
 
 
+@settings(max_examples=2000)
+@given(bodies)
+def test_strip_trailing_whitespace_same_output_as_dkimpy(body: bytes) -> None:
+    assert dkimcanon.strip_trailing_whitespace(body) == ORIGINAL_STRIP(body)
+
+
+@given(st.binary(max_size=300))
+def test_strip_trailing_whitespace_same_output_on_any_bytes(body: bytes) -> None:
+    assert dkimcanon.strip_trailing_whitespace(body) == ORIGINAL_STRIP(body)
+
+
 def test_install_is_idempotent_and_verification_still_works() -> None:
     try:
         dkimcanon.install()
         dkimcanon.install()
         assert dkim.canonicalization.compress_whitespace is dkimcanon.compress_whitespace
+        assert dkim.canonicalization.strip_trailing_whitespace is \
+            dkimcanon.strip_trailing_whitespace
         private, key = make_key()
         body = b"Hello   world \t again\r\n \r\nend.\r\n"
         msg = b"From: a@example.com\r\nSubject:  spaced   out\r\n\r\n" + body
@@ -46,3 +61,4 @@ def test_install_is_idempotent_and_verification_still_works() -> None:
     finally:
         dkimcanon.uninstall()
     assert dkim.canonicalization.compress_whitespace is ORIGINAL
+    assert dkim.canonicalization.strip_trailing_whitespace is ORIGINAL_STRIP

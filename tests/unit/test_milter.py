@@ -496,6 +496,23 @@ def test_past_max_header_fields_only_signatures_are_kept(
     assert out["eom_reply"][:2] == ("450", "4.7.26")  # judged without DKIM
 
 
+def test_too_many_fields_is_permerror_and_too_large_is_neutral(resolver: FakeResolver) -> None:
+    """The two ways past the limits are reported differently: too many fields
+    is the signature's own fault (as check_dkim says), size is only ours."""
+    e = Engine(cfg(), resolver)
+    sig = b"v=1; a=rsa-sha256; d=example.com; s=sel1; h=from; bh=x; b=y"
+    many = engine_mod.Message(1 << 20, 5, "mx.example.org")
+    for i in range(engine_mod.MAX_HEADER_FIELDS):
+        many.header("X-N", b" %d" % i)
+    many.header("DKIM-Signature", b" " + sig)
+    big = engine_mod.Message(100, 5, "mx.example.org")
+    big.header("DKIM-Signature", b" " + sig)
+    big.body(b"x" * 200)
+    budget = e.budget()
+    assert [r.result for r in e.dkim_of(many, budget)] == ["permerror"]
+    assert [r.result for r in e.dkim_of(big, budget)] == ["neutral"]
+
+
 def test_past_max_message_size_at_most_max_signatures_and_no_ids_are_kept(
         resolver: FakeResolver) -> None:
     ctx = ctx_for(cfg(max_message_size=4096, max_signatures=3), resolver)
