@@ -42,9 +42,16 @@ _MODULES = (
     "prometheus_client.mmap_dict", "prometheus_client.openmetrics.exposition",
     "http.server", "socketserver", "logging.handlers", "selectors", "hashlib", "hmac",
 )
-# Only present where their extras are installed: ed25519 keys (PyNaCl) and
-# dkimpy's optional pieces.
-_OPTIONAL = ("nacl.signing", "nacl.encoding", "nacl.bindings", "dkim.dnsplug")
+# Only present where their extras are installed: ed25519 keys (PyNaCl),
+# dkimpy's optional pieces, OpenSSL through pyca/cryptography.
+_OPTIONAL = (
+    "nacl.signing", "nacl.encoding", "nacl.bindings", "dkim.dnsplug",
+    "cryptography.hazmat.primitives.hashes", "cryptography.hazmat.primitives.serialization",
+    "cryptography.hazmat.primitives.asymmetric.rsa",
+    "cryptography.hazmat.primitives.asymmetric.padding",
+    "cryptography.hazmat.primitives.asymmetric.utils",
+    "cryptography.hazmat.primitives.asymmetric.ed25519",
+)
 
 _DOMAIN = "preflight.invalid"
 _CLIENT = ipaddress.ip_address("2001:db8::25")
