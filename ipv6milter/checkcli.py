@@ -174,7 +174,8 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
     elif verdict.enforced:
         print(str(verdict.reply), file=out)
     else:
-        print(f"accept (monitor mode; enforce would reply: {verdict.reply})", file=out)
+        why = "monitor mode" if cfg.monitor else "outside EnforceShare"
+        print(f"accept ({why}; enforce would reply: {verdict.reply})", file=out)
     if checks and not verdict.refuses:
         authserv_id = cfg.default_authserv_id(None)
         value = authresults.build(authserv_id, eff, iprev, spf, dkim)

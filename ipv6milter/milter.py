@@ -322,7 +322,15 @@ class Ipv6Milter(Milter.Base):
         else:
             fields["reply"] = "accept"
             fields["would_reply"] = verdict.summary
-        fields["mode"] = verdict.mode if verdict.reply is not None else self.cfg.mode
+        if verdict.reply is not None:
+            fields["mode"] = verdict.mode
+        elif self.scope.in_scope and self.addr is not None:
+            # How this client's refusals are handled, accepted or not (a
+            # client outside EnforceShare is handled as in monitor mode).
+            enforced = policy.enforced_for(self.cfg, policy.effective_address(self.addr))
+            fields["mode"] = "enforce" if enforced else "monitor"
+        else:
+            fields["mode"] = self.cfg.mode
         fields["elapsed_ms"] = round((time.monotonic() - start) * 1000)
         log.log(level, "%s%s", logfmt.PREFIX, logfmt.format_fields(fields))
 

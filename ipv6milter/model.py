@@ -67,7 +67,7 @@ class SpfResult:
 class DkimResult:
     """The outcome of one DKIM-Signature header (RFC 6376)."""
 
-    result: str  # pass fail neutral temperror permerror
+    result: str  # pass fail neutral policy temperror permerror (RFC 8601 §2.7.1)
     domain: str = ""
     selector: str = ""
     b: str = ""  # first characters of b=, to tell signatures apart

@@ -192,6 +192,13 @@ def test_monitor_mode_accepts_and_says_what_enforce_would_reply(check):
     assert o.clauses() == [("iprev", "pass"), ("spf", "fail"), ("dkim", "none")]
 
 
+def test_a_client_outside_enforce_share_is_told_so(check):
+    zone = {**GOOD_DNS, ("example.com", "TXT"): "v=spf1 -all"}
+    o = check([*ARGS, "--rcpt", "b@example.org"], zone, CONF + "EnforceShare 0\n")
+    assert o.code == 0
+    assert o.lines[0] == f"accept (outside EnforceShare; enforce would reply: {R_45726})"
+
+
 @pytest.mark.parametrize(
     ("argv", "text"),
     [

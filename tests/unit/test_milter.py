@@ -386,6 +386,18 @@ def test_decision_log_line(resolver: FakeResolver, caplog: pytest.LogCaptureFixt
         assert part in line, line
 
 
+@pytest.mark.parametrize(("share", "mode"), [(0, "monitor"), (100, "enforce")])
+def test_an_accepted_message_logs_how_its_client_is_handled(
+        resolver: FakeResolver, caplog: pytest.LogCaptureFixture, share: int, mode: str) -> None:
+    ctx = ctx_for(cfg(enforce_share=share), resolver)
+    ctx.connect(GOOD)
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        ctx.transaction("a@example.com", ["b@example.org"], message())
+    line = next(r.getMessage() for r in caplog.records if "stage=eom" in r.getMessage())
+    assert "reply=accept" in line and "would_reply" not in line, line
+    assert f"mode={mode} " in line, line
+
+
 def test_header_callback_needs_no_reply_and_a_failure_there_tempfails_at_eom(
         resolver: FakeResolver, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
