@@ -424,8 +424,9 @@ def test_a_judgement_that_cannot_work_stops_the_start(
     generic = dns.rdata.GenericRdata
     real = dns.rdata.get_rdata_class
 
-    def no_aaaa(rdclass, rdtype, use_generic=True):  # type: ignore[no-untyped-def]
-        return generic if int(rdtype) == 28 else real(rdclass, rdtype, use_generic)
+    # Any signature: Debian's dnspython 2.3 takes (rdclass, rdtype) only.
+    def no_aaaa(rdclass, rdtype, *rest, **kw):  # type: ignore[no-untyped-def]
+        return generic if int(rdtype) == 28 else real(rdclass, rdtype, *rest, **kw)
 
     from ipv6milter.preflight import Preflight, PreflightError
 
