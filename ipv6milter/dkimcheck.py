@@ -10,6 +10,7 @@ from a DNS outage (temperror).
 from __future__ import annotations
 
 import binascii
+import functools
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -248,13 +249,48 @@ def _fields_for(
     return fields, idx
 
 
-def _usable_key(name: str, record: bytes) -> str | None:
-    """Why dkimpy could not use ``record``, or None (it reads the key itself)."""
+def _prepare_key(name: str, record: bytes) -> tuple[bytes, str | None, tuple[Any, ...] | None]:
+    """The record as dkimpy is given it, why dkimpy could not use it (or
+    None), and dkimpy's reading of it (``evaluate_pk``'s key, size, type and
+    tlsrpt flag), which ``_dkimpy_verify`` hands to dkimpy instead of letting
+    it read the record again."""
+    # dkimpy reads s= as one word; "email:tlsrpt" (a list, RFC 6376 §3.6.1)
+    # would make it drop the key.  check_key has judged s= already.
+    dkimpy_record = dkimaccept.without_service_type(record)
     try:
-        dkim.evaluate_pk(name.encode("ascii"), record)
+        pk = dkim.evaluate_pk(name.encode("ascii"), dkimpy_record)
     except (dkim.DKIMException, ValueError, IndexError, TypeError, binascii.Error) as e:
-        return f"unusable key record: {e}"
-    return None
+        return dkimpy_record, f"unusable key record: {e}", None
+    return dkimpy_record, None, tuple(pk)
+
+
+_prepare_key_cached = functools.lru_cache(maxsize=1024)(_prepare_key)
+
+
+def prepared_key(name: str, record: bytes) -> tuple[bytes, str | None, tuple[Any, ...] | None]:
+    """``_prepare_key`` once per key name and record (bounded LRU): a repeat
+    signer's key costs no base64 decoding and no ASN.1 parse.  The name is
+    part of the cache key because dkimpy's messages may quote it."""
+    if len(record) > dkimaccept.CACHEABLE_RECORD:
+        return _prepare_key(name, record)
+    return _prepare_key_cached(name, record)
+
+
+def _dkimpy_verify(d: dkim.DKIM, idx: int, pk: tuple[Any, ...], record: bytes) -> bool:
+    """``d.verify(idx=idx)`` with the key ``evaluate_pk`` gave for ``record``.
+
+    What ``DKIM.verify`` does (``verify_headerprep``, then ``verify_sig``:
+    the key lookup and ``evaluate_pk``, then ``verify_sig_process``), minus
+    the lookup and the parse, which ``prepared_key`` did once for this record
+    (and which succeeded, or the signature would not have got here).
+    """
+    prep = d.verify_headerprep(idx)
+    if not prep:
+        return False
+    sig, include_headers, sigheaders = prep
+    d.pk, d.keysize, d.ktag, d.seqtlsrpt = pk
+    return bool(d.verify_sig_process(sig, include_headers, sigheaders[idx],
+                                     lambda _name, timeout=5: record))
 
 
 def check_dkim(
@@ -320,19 +356,16 @@ def _verify_one(
     refusal = dkimaccept.check_key(tags, record)
     if refusal is not None:
         return describe(value, refusal.result, refusal.reason)
-    # dkimpy reads s= as one word; "email:tlsrpt" (a list, RFC 6376 §3.6.1)
-    # would make it drop the key.  check_key has judged s= already.
-    dkimpy_record = dkimaccept.without_service_type(record)
-    problem = _usable_key(name, dkimpy_record)
-    if problem is not None:
-        return describe(value, "permerror", problem)
+    dkimpy_record, problem, pk = prepared_key(name, record)
+    if problem is not None or pk is None:
+        return describe(value, "permerror", problem or "unusable key record")
     algorithm = _body_algorithm(value)
     if algorithm not in bodies:
         bodies[algorithm] = canonical_body(body, algorithm)
     d.body = bodies[algorithm]
     d.headers, idx = _fields_for(headers, sig_index, dkimaccept.signed_fields(tags))
     try:
-        ok = d.verify(idx=idx, dnsfunc=lambda _name, timeout=5: dkimpy_record)
+        ok = _dkimpy_verify(d, idx, pk, dkimpy_record)
     except dkim.ValidationError as e:
         # After the key: a body hash mismatch and its kin.
         return describe(value, "fail", str(e))
