@@ -224,3 +224,41 @@ def test_the_answer_cache_is_bounded():
     assert len(c.r._answers) == 2
     c.r.query("c.example.com", "A", Budget(5))
     assert len(c.calls) == 3
+
+
+# -- metric children bound once ------------------------------------------------------------
+
+
+def test_metric_children_are_looked_up_once_and_count_the_same(monkeypatch: pytest.MonkeyPatch):
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from ipv6milter import config as config_mod
+    from ipv6milter.metrics import Metrics
+    from ipv6milter.model import ACCEPT
+
+    m = Metrics()
+    m.loaded(config_mod.Config())
+    asked: list[tuple[str, ...]] = []
+    real = MetricWrapperBase.labels
+
+    def labels(self: Any, *values: str) -> Any:
+        asked.append(values)
+        return real(self, *values)
+
+    monkeypatch.setattr(MetricWrapperBase, "labels", labels)
+    for _ in range(5):
+        m.results.labels("spf", "pass").inc()
+        m.decision("eom", ACCEPT)
+        m.cache(True)
+        with m.timed("dkim"):
+            pass
+    # Once per label set not seen before (eom/accept/enforce and hit are
+    # bound when the configuration is loaded): spf/pass and dkim.
+    assert asked == [("spf", "pass"), ("dkim",)]
+    value = m.registry.get_sample_value
+    assert value("ipv6milter_check_results_total", {"method": "spf", "result": "pass"}) == 5
+    assert value("ipv6milter_decisions_total",
+                 {"stage": "eom", "reply": "accept", "mode": "enforce"}) == 5
+    assert value("ipv6milter_dns_cache_lookups_total", {"result": "hit"}) == 5
+    assert value("ipv6milter_check_duration_seconds_count", {"check": "dkim"}) == 5
+    assert m.results.labels("spf", "pass") is m.results.metric.labels("spf", "pass")
