@@ -78,6 +78,9 @@ RSA_MAX_BITS = 8192
 RSA_MAX_EXPONENT = 2**32
 ED25519_KEY_BYTES = 32
 
+_COLON = re.compile(rb"\s*:\s*")
+_SPACE = re.compile(rb"\s+")
+
 # a= -> (k=, hash name as the key's h= lists it)
 _ALGORITHMS = {
     b"rsa-sha256": (b"rsa", b"sha256"),
@@ -104,7 +107,7 @@ def _permerror(reason: str) -> Refusal:
 
 def signed_fields(tags: dict[bytes, bytes]) -> list[bytes]:
     """The field names of ``h=``, lower case, as dkimpy splits them."""
-    return [x.lower() for x in re.split(rb"\s*:\s*", tags.get(b"h", b"").strip())]
+    return [x.lower() for x in _COLON.split(tags.get(b"h", b"").strip())]
 
 
 def _flags(value: bytes) -> set[bytes]:
@@ -148,7 +151,7 @@ def _read_key(record: bytes) -> KeyFacts | None:
         key = parse_tag_value(record)
     except InvalidTagValueList:
         return None
-    p = re.sub(rb"\s+", b"", key.get(b"p", b""))
+    p = _SPACE.sub(b"", key.get(b"p", b""))
     if not p:
         return None  # revoked (RFC 6376 §3.6.1): dkimpy's permerror
     k = key.get(b"k", b"rsa").strip().lower()

@@ -50,6 +50,8 @@ _SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _FIELD_START = re.compile(rb"(?m)^[^ \t\r\n]")
 _SIGNATURE_VALUE = re.compile(rb"(?im)^dkim-signature[ \t]*:(.*(?:\r?\n[ \t].*)*)")
+_SPACE = re.compile(rb"\s+")
+_BASE64 = re.compile(rb"[A-Za-z0-9+/=]*")
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # A body tail of empty (or, relaxed, blank) lines longer than this is cut
 # down before dkimpy sees it: its canonicalization strips them one at a time.
@@ -153,7 +155,7 @@ def signature_tags(value: bytes) -> dict[bytes, bytes]:
     for part in value.split(b";"):
         name, eq, v = part.partition(b"=")
         if eq:
-            tags.setdefault(name.strip().lower(), re.sub(rb"\s+", b"", v))
+            tags.setdefault(name.strip().lower(), _SPACE.sub(b"", v))
     return tags
 
 
@@ -164,7 +166,7 @@ def describe(value: bytes, result: str, detail: str) -> DkimResult:
         return v.decode("ascii").lower() if _TOKEN.match(v) else ""
 
     b = tags.get(b"b", b"")[:8]
-    b_text = b.decode("ascii") if re.fullmatch(rb"[A-Za-z0-9+/=]*", b) else ""
+    b_text = b.decode("ascii") if _BASE64.fullmatch(b) else ""
     return DkimResult(
         result, clean(tags.get(b"d", b"")), clean(tags.get(b"s", b"")), b_text, detail
     )

@@ -20,6 +20,7 @@ state through pyspf's globals.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
@@ -177,7 +178,7 @@ class Resolver:
 
     def ptr(self, addr: IPAddress, budget: Budget) -> list[str]:
         """PTR names of ``addr``, lower case, without the final dot."""
-        rev = dns.reversename.from_address(str(addr))
+        rev = _reverse_name(addr)
         return [
             r.target.to_text(omit_final_dot=True).lower() for r in self.query(rev, "PTR", budget)
         ]
@@ -229,6 +230,14 @@ class Resolver:
             yield
         finally:
             _local.ctx = previous
+
+
+@functools.lru_cache(maxsize=4096)
+def _reverse_name(addr: IPAddress) -> str:
+    """The PTR name of ``addr`` as text (``...ip6.arpa.``), made once per
+    address: a client sends many messages, and dnspython's name building is
+    not free."""
+    return dns.reversename.from_address(str(addr)).to_text()
 
 
 def _cache_name(name: str | dns.name.Name) -> str:

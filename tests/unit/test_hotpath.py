@@ -262,3 +262,20 @@ def test_metric_children_are_looked_up_once_and_count_the_same(monkeypatch: pyte
     assert value("ipv6milter_dns_cache_lookups_total", {"result": "hit"}) == 5
     assert value("ipv6milter_check_duration_seconds_count", {"check": "dkim"}) == 5
     assert m.results.labels("spf", "pass") is m.results.metric.labels("spf", "pass")
+
+
+@pytest.mark.parametrize("text", ["2001:db8::25", "192.0.2.25", "::ffff:192.0.2.25"])
+def test_ptr_asks_dnspythons_reverse_name(text: str):
+    import ipaddress
+
+    import dns.reversename
+
+    addr = ipaddress.ip_address(text)
+    rev = dns.reversename.from_address(text).to_text()
+    c = Counted()
+    c.put(_answer(rev, "PTR", ["mail.example.com."]))
+    trace: list[str] = []
+    for _ in range(2):
+        assert c.r.ptr(addr, Budget(5, trace)) == ["mail.example.com"]
+    assert c.calls == [f"{rev} PTR"]
+    assert trace == [f"{rev} PTR: mail.example.com."] * 2
