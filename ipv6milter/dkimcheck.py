@@ -141,9 +141,10 @@ def canonical_body(body: bytes, algorithm: bytes) -> bytes:
     return canon.canonicalize_body(trimmed)
 
 
-def _body_algorithm(value: bytes) -> bytes:
+def _body_algorithm(tags: dict[bytes, bytes]) -> bytes:
+    """c='s body canonicalization, from the tags ``_verify_one`` parsed already."""
     try:
-        c = parse_tag_value(value).get(b"c", b"simple/simple")
+        c = tags.get(b"c", b"simple/simple")
         return CanonicalizationPolicy.from_c_value(c).body_algorithm.name
     except (InvalidTagValueList, InvalidCanonicalizationPolicyError, ValueError, IndexError):
         return b"simple"  # dkimpy will refuse the signature itself
@@ -361,7 +362,7 @@ def _verify_one(
     dkimpy_record, problem, pk = prepared_key(name, record)
     if problem is not None or pk is None:
         return describe(value, "permerror", problem or "unusable key record")
-    algorithm = _body_algorithm(value)
+    algorithm = _body_algorithm(tags)
     if algorithm not in bodies:
         bodies[algorithm] = canonical_body(body, algorithm)
     d.body = bodies[algorithm]
