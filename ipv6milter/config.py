@@ -147,6 +147,8 @@ class DomainSet:
 
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+# The MTA's j macro as an authserv-id (default_authserv_id), compiled once.
+_J_MACRO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
 def _checked_domain(text: str, raw: str) -> str:
@@ -459,7 +461,7 @@ class Config:
         """SPEC §4: ``AuthservID``, else the MTA's ``j`` macro, else our FQDN."""
         if self.authserv_id:
             return self.authserv_id
-        if j_macro and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", j_macro):
+        if j_macro and _J_MACRO.fullmatch(j_macro):
             return j_macro.lower()
         return socket.getfqdn().lower()
 

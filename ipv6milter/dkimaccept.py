@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ RSA_MIN_BITS = 1024
 RSA_MAX_BITS = 8192
 RSA_MAX_EXPONENT = 2**32
 ED25519_KEY_BYTES = 32
+
+_COLON = re.compile(rb"\s*:\s*")
+_SPACE = re.compile(rb"\s+")
 
 # a= -> (k=, hash name as the key's h= lists it)
 _ALGORITHMS = {
@@ -103,7 +107,7 @@ def _permerror(reason: str) -> Refusal:
 
 def signed_fields(tags: dict[bytes, bytes]) -> list[bytes]:
     """The field names of ``h=``, lower case, as dkimpy splits them."""
-    return [x.lower() for x in re.split(rb"\s*:\s*", tags.get(b"h", b"").strip())]
+    return [x.lower() for x in _COLON.split(tags.get(b"h", b"").strip())]
 
 
 def _flags(value: bytes) -> set[bytes]:
@@ -122,54 +126,103 @@ def check_signature(tags: dict[bytes, bytes]) -> Refusal | None:
     return None
 
 
+@dataclass(frozen=True)
+class KeyFacts:
+    """What the rules need of one key record, read once (``key_facts``)."""
+
+    k: bytes
+    services: frozenset[bytes] | None  # s=, or None when absent
+    hashes: frozenset[bytes] | None  # h=, or None when absent
+    flags: frozenset[bytes]  # t=
+    # The size rule's verdict: a Refusal, None (acceptable), or _UNREADABLE
+    # (p= cannot be decoded or parsed: dkimpy's permerror).
+    size: Refusal | str | None
+
+
+_UNREADABLE = "unreadable"
+# Records up to this size are remembered (an 8192-bit RSA key is ~1.5 KB of
+# record); a larger one is read again each time rather than kept.
+CACHEABLE_RECORD = 4096
+
+
+def _read_key(record: bytes) -> KeyFacts | None:
+    """The facts of ``record``; None when it is unreadable or revoked (dkimpy's)."""
+    try:
+        key = parse_tag_value(record)
+    except InvalidTagValueList:
+        return None
+    p = _SPACE.sub(b"", key.get(b"p", b""))
+    if not p:
+        return None  # revoked (RFC 6376 §3.6.1): dkimpy's permerror
+    k = key.get(b"k", b"rsa").strip().lower()
+    size: Refusal | str | None = None
+    try:
+        # Decoded as dkimpy and PyNaCl decode it (characters outside the
+        # alphabet skipped): the size checked is the size they would use.
+        der = base64.b64decode(p)
+    except (binascii.Error, ValueError):
+        der, size = b"", _UNREADABLE
+    if size is None and k == b"rsa":
+        try:
+            pk = parse_public_key(der)
+            modulus, exponent = int(pk["modulus"]), int(pk["publicExponent"])
+        except (UnparsableKeyError, KeyError, IndexError, TypeError, ValueError):
+            size = _UNREADABLE
+        else:
+            bits = modulus.bit_length()
+            if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+                size = _policy(f"RSA key of {bits} bits is not acceptable, "
+                               f"{RSA_MIN_BITS} to {RSA_MAX_BITS} are")
+            elif exponent > RSA_MAX_EXPONENT:
+                size = _policy("RSA exponent over 2^32 is not acceptable")
+    elif size is None and k == b"ed25519" and len(der) != ED25519_KEY_BYTES:
+        size = _policy(f"ed25519 key of {len(der)} bytes is not acceptable, RFC 8463")
+    return KeyFacts(
+        k,
+        frozenset(_flags(key[b"s"])) if b"s" in key else None,
+        frozenset(_flags(key[b"h"])) if b"h" in key else None,
+        frozenset(_flags(key.get(b"t", b""))),
+        size,
+    )
+
+
+_read_key_cached = functools.lru_cache(maxsize=1024)(_read_key)
+
+
+def key_facts(record: bytes) -> KeyFacts | None:
+    """``_read_key``, once per distinct record: a repeat signer's key record
+    is not decoded and ASN.1-parsed again for every message."""
+    if len(record) > CACHEABLE_RECORD:
+        return _read_key(record)
+    return _read_key_cached(record)
+
+
 def check_key(tags: dict[bytes, bytes], record: bytes) -> Refusal | None:
     """The rules on the key record, applied before it reaches any crypto code.
 
     ``record`` is the TXT record as found.  A record that cannot be read at
     all is left to dkimpy (it says so as a KeyFormatError: permerror).
     """
-    try:
-        key = parse_tag_value(record)
-    except InvalidTagValueList:
+    key = key_facts(record)
+    if key is None:
         return None
-    p = re.sub(rb"\s+", b"", key.get(b"p", b""))
-    if not p:
-        return None  # revoked (RFC 6376 §3.6.1): dkimpy's permerror
     kind, hash_name = _ALGORITHMS.get(tags.get(b"a", b"").strip().lower(), (b"", b""))
-    k = key.get(b"k", b"rsa").strip().lower()
-    if kind and k != kind:
+    if kind and key.k != kind:
         return _permerror("key type does not match a=, RFC 6376 6.1.2")
-    if b"s" in key and not _flags(key[b"s"]) & {b"*", b"email"}:
+    if key.services is not None and not key.services & {b"*", b"email"}:
         return _permerror("key is not for email, RFC 6376 3.6.1")
-    if b"h" in key and hash_name not in _flags(key[b"h"]):
+    if key.hashes is not None and hash_name not in key.hashes:
         return _permerror("key h= does not allow this hash, RFC 6376 3.6.1")
-    flags = _flags(key.get(b"t", b""))
-    if b"s" in flags:
+    if b"s" in key.flags:
         d = tags.get(b"d", b"").strip().lower()
         i_domain = tags.get(b"i", b"").strip().lower().rpartition(b"@")[2]
         if b"i" in tags and i_domain != d:
             return _permerror("i= is a subdomain of d= and the key says t=s, RFC 6376 3.6.1")
-    try:
-        # Decoded as dkimpy and PyNaCl decode it (characters outside the
-        # alphabet skipped): the size checked is the size they would use.
-        der = base64.b64decode(p)
-    except (binascii.Error, ValueError):
+    if key.size == _UNREADABLE:
         return None  # dkimpy's permerror
-    if k == b"rsa":
-        try:
-            pk = parse_public_key(der)
-            modulus, exponent = int(pk["modulus"]), int(pk["publicExponent"])
-        except (UnparsableKeyError, KeyError, IndexError, TypeError, ValueError):
-            return None
-        bits = modulus.bit_length()
-        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
-            return _policy(f"RSA key of {bits} bits is not acceptable, "
-                           f"{RSA_MIN_BITS} to {RSA_MAX_BITS} are")
-        if exponent > RSA_MAX_EXPONENT:
-            return _policy("RSA exponent over 2^32 is not acceptable")
-    elif k == b"ed25519" and len(der) != ED25519_KEY_BYTES:
-        return _policy(f"ed25519 key of {len(der)} bytes is not acceptable, RFC 8463")
-    if b"y" in flags:
+    if key.size is not None:
+        return key.size  # type: ignore[return-value]
+    if b"y" in key.flags:
         return _policy("testing mode")
     return None
 

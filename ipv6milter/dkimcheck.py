@@ -10,6 +10,7 @@ from a DNS outage (temperror).
 from __future__ import annotations
 
 import binascii
+import functools
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,8 @@ _SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _FIELD_START = re.compile(rb"(?m)^[^ \t\r\n]")
 _SIGNATURE_VALUE = re.compile(rb"(?im)^dkim-signature[ \t]*:(.*(?:\r?\n[ \t].*)*)")
+_SPACE = re.compile(rb"\s+")
+_BASE64 = re.compile(rb"[A-Za-z0-9+/=]*")
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # A body tail of empty (or, relaxed, blank) lines longer than this is cut
 # down before dkimpy sees it: its canonicalization strips them one at a time.
@@ -138,9 +141,10 @@ def canonical_body(body: bytes, algorithm: bytes) -> bytes:
     return canon.canonicalize_body(trimmed)
 
 
-def _body_algorithm(value: bytes) -> bytes:
+def _body_algorithm(tags: dict[bytes, bytes]) -> bytes:
+    """c='s body canonicalization, from the tags ``_verify_one`` parsed already."""
     try:
-        c = parse_tag_value(value).get(b"c", b"simple/simple")
+        c = tags.get(b"c", b"simple/simple")
         return CanonicalizationPolicy.from_c_value(c).body_algorithm.name
     except (InvalidTagValueList, InvalidCanonicalizationPolicyError, ValueError, IndexError):
         return b"simple"  # dkimpy will refuse the signature itself
@@ -152,7 +156,7 @@ def signature_tags(value: bytes) -> dict[bytes, bytes]:
     for part in value.split(b";"):
         name, eq, v = part.partition(b"=")
         if eq:
-            tags.setdefault(name.strip().lower(), re.sub(rb"\s+", b"", v))
+            tags.setdefault(name.strip().lower(), _SPACE.sub(b"", v))
     return tags
 
 
@@ -163,7 +167,7 @@ def describe(value: bytes, result: str, detail: str) -> DkimResult:
         return v.decode("ascii").lower() if _TOKEN.match(v) else ""
 
     b = tags.get(b"b", b"")[:8]
-    b_text = b.decode("ascii") if re.fullmatch(rb"[A-Za-z0-9+/=]*", b) else ""
+    b_text = b.decode("ascii") if _BASE64.fullmatch(b) else ""
     return DkimResult(
         result, clean(tags.get(b"d", b"")), clean(tags.get(b"s", b"")), b_text, detail
     )
@@ -248,13 +252,48 @@ def _fields_for(
     return fields, idx
 
 
-def _usable_key(name: str, record: bytes) -> str | None:
-    """Why dkimpy could not use ``record``, or None (it reads the key itself)."""
+def _prepare_key(name: str, record: bytes) -> tuple[bytes, str | None, tuple[Any, ...] | None]:
+    """The record as dkimpy is given it, why dkimpy could not use it (or
+    None), and dkimpy's reading of it (``evaluate_pk``'s key, size, type and
+    tlsrpt flag), which ``_dkimpy_verify`` hands to dkimpy instead of letting
+    it read the record again."""
+    # dkimpy reads s= as one word; "email:tlsrpt" (a list, RFC 6376 §3.6.1)
+    # would make it drop the key.  check_key has judged s= already.
+    dkimpy_record = dkimaccept.without_service_type(record)
     try:
-        dkim.evaluate_pk(name.encode("ascii"), record)
+        pk = dkim.evaluate_pk(name.encode("ascii"), dkimpy_record)
     except (dkim.DKIMException, ValueError, IndexError, TypeError, binascii.Error) as e:
-        return f"unusable key record: {e}"
-    return None
+        return dkimpy_record, f"unusable key record: {e}", None
+    return dkimpy_record, None, tuple(pk)
+
+
+_prepare_key_cached = functools.lru_cache(maxsize=1024)(_prepare_key)
+
+
+def prepared_key(name: str, record: bytes) -> tuple[bytes, str | None, tuple[Any, ...] | None]:
+    """``_prepare_key`` once per key name and record (bounded LRU): a repeat
+    signer's key costs no base64 decoding and no ASN.1 parse.  The name is
+    part of the cache key because dkimpy's messages may quote it."""
+    if len(record) > dkimaccept.CACHEABLE_RECORD:
+        return _prepare_key(name, record)
+    return _prepare_key_cached(name, record)
+
+
+def _dkimpy_verify(d: dkim.DKIM, idx: int, pk: tuple[Any, ...], record: bytes) -> bool:
+    """``d.verify(idx=idx)`` with the key ``evaluate_pk`` gave for ``record``.
+
+    What ``DKIM.verify`` does (``verify_headerprep``, then ``verify_sig``:
+    the key lookup and ``evaluate_pk``, then ``verify_sig_process``), minus
+    the lookup and the parse, which ``prepared_key`` did once for this record
+    (and which succeeded, or the signature would not have got here).
+    """
+    prep = d.verify_headerprep(idx)
+    if not prep:
+        return False
+    sig, include_headers, sigheaders = prep
+    d.pk, d.keysize, d.ktag, d.seqtlsrpt = pk
+    return bool(d.verify_sig_process(sig, include_headers, sigheaders[idx],
+                                     lambda _name, timeout=5: record))
 
 
 def check_dkim(
@@ -320,19 +359,16 @@ def _verify_one(
     refusal = dkimaccept.check_key(tags, record)
     if refusal is not None:
         return describe(value, refusal.result, refusal.reason)
-    # dkimpy reads s= as one word; "email:tlsrpt" (a list, RFC 6376 §3.6.1)
-    # would make it drop the key.  check_key has judged s= already.
-    dkimpy_record = dkimaccept.without_service_type(record)
-    problem = _usable_key(name, dkimpy_record)
-    if problem is not None:
-        return describe(value, "permerror", problem)
-    algorithm = _body_algorithm(value)
+    dkimpy_record, problem, pk = prepared_key(name, record)
+    if problem is not None or pk is None:
+        return describe(value, "permerror", problem or "unusable key record")
+    algorithm = _body_algorithm(tags)
     if algorithm not in bodies:
         bodies[algorithm] = canonical_body(body, algorithm)
     d.body = bodies[algorithm]
     d.headers, idx = _fields_for(headers, sig_index, dkimaccept.signed_fields(tags))
     try:
-        ok = d.verify(idx=idx, dnsfunc=lambda _name, timeout=5: dkimpy_record)
+        ok = _dkimpy_verify(d, idx, pk, dkimpy_record)
     except dkim.ValidationError as e:
         # After the key: a body hash mismatch and its kin.
         return describe(value, "fail", str(e))

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, values
 from prometheus_client.core import InfoMetricFamily, Metric
@@ -42,37 +43,61 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256("\n".join(describe(cfg)).encode()).hexdigest()[:16]
 
 
+class Children:
+    """A labelled metric whose child for each label set is looked up once.
+
+    prometheus-client's ``labels()`` checks and converts the values and takes
+    a lock on every call; on the hot path (several counts a message) a dict
+    lookup does.  The children are the metric's own, so names, labels and
+    values are unchanged; everything else is the metric's (``__getattr__``).
+    Only for label values from a small fixed set (they are kept for good).
+    """
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children.setdefault(values, self.metric.labels(*values))
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.connections = Counter(
+        self.connections: Any = Children(Counter(
             "ipv6milter_connections", "SMTP connections by scope at connect", ["scope"],
-            registry=r)
-        self.transactions = Counter(
+            registry=r))
+        self.transactions: Any = Children(Counter(
             "ipv6milter_transactions", "Mail transactions (MAIL FROM) by scope", ["scope"],
-            registry=r)
+            registry=r))
         self.in_flight = Gauge(
             "ipv6milter_connections_in_flight", "SMTP connections open now", registry=r,
             multiprocess_mode="livesum")
-        self.decisions = Counter(
+        self.decisions: Any = Children(Counter(
             "ipv6milter_decisions",
             "Policy decisions by stage (rcpt, eom) and reply; with mode=monitor (Mode "
             "monitor, or a client outside EnforceShare) the reply is the one enforce mode "
             "would have given",
-            ["stage", "reply", "mode"], registry=r)
-        self.results = Counter(
+            ["stage", "reply", "mode"], registry=r))
+        self.results: Any = Children(Counter(
             "ipv6milter_check_results", "Check results by method (iprev, spf, dkim)",
-            ["method", "result"], registry=r)
-        self.latency = Histogram(
+            ["method", "result"], registry=r))
+        self.latency: Any = Children(Histogram(
             "ipv6milter_check_duration_seconds",
             "Time spent in each check (ptr, spf, dkim) and waiting at end of message (message)",
-            ["check"], buckets=_BUCKETS, registry=r)
-        self.dns_cache = Counter(
+            ["check"], buckets=_BUCKETS, registry=r))
+        self.dns_cache: Any = Children(Counter(
             "ipv6milter_dns_cache_lookups", "DNS cache lookups by result (hit, miss)",
-            ["result"], registry=r)
-        self.reloads = Counter(
+            ["result"], registry=r))
+        self.reloads: Any = Children(Counter(
             "ipv6milter_config_reloads", "Configuration reloads by result (ok, failed)",
-            ["result"], registry=r)
+            ["result"], registry=r))
         self.enforce_share = Gauge(
             "ipv6milter_enforce_share_percent",
             "EnforceShare in use: percent of in-scope client networks whose refusals are "
@@ -111,7 +136,7 @@ class Metrics:
         self.decisions.labels(stage, reply_label(verdict), mode).inc()
 
     def cache(self, hit: bool) -> None:
-        self.dns_cache.labels("hit" if hit else "miss").inc()
+        self.dns_cache.labels("hit" if hit else "miss").inc()  # both bound in __init__
 
     @contextmanager
     def timed(self, check: str) -> Iterator[None]:

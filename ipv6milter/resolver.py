@@ -20,10 +20,12 @@ state through pyspf's globals.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -98,6 +100,8 @@ class Resolver:
         r.cache = _CountingCache(cache_size, on_cache) if on_cache else dns.resolver.LRUCache(
             cache_size)
         self._r = r
+        self._on_cache = on_cache
+        self._answers = _AnswerCache(cache_size)
 
     # -- the one query primitive ------------------------------------------
 
@@ -115,12 +119,26 @@ class Resolver:
         if lifetime <= 0:
             budget.note(f"{name} {rdtype}: stage time budget spent")
             raise TempFail(f"DNS time budget for this stage spent before {name} {rdtype}")
+        key = (_cache_name(name), rdtype)
+        cached = self._answers.get(key)
+        if cached is not None:
+            # dnspython's resolve() costs tens of microseconds even when its
+            # cache answers (name parsing, a _Resolution object): answers
+            # still fresh are served here first, counted as cache hits.
+            if self._on_cache is not None:
+                self._on_cache(True)
+            nxdomain, items = cached
+            if nxdomain:
+                budget.note(f"{name} {rdtype}: NXDOMAIN")
+                return []
+            return self._answered(name, rdtype, items, budget)
         try:
             answer = self._r.resolve(
                 name, rdtype, search=False, lifetime=lifetime, raise_on_no_answer=False
             )
-        except dns.resolver.NXDOMAIN:
+        except dns.resolver.NXDOMAIN as e:
             budget.note(f"{name} {rdtype}: NXDOMAIN")
+            self._answers.put(key, True, (), _nxdomain_expiry(e))
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             budget.note(f"{name} {rdtype}: temporary failure ({type(e).__name__})")
@@ -142,16 +160,25 @@ class Resolver:
             budget.note(f"{name} {rdtype}: error ({type(e).__name__})")
             raise TempFail(f"{name} {rdtype}: {type(e).__name__}: {e}") from None
         rrset = answer.rrset
-        items = list(rrset) if rrset is not None else []
+        items = tuple(rrset) if rrset is not None else ()
+        # Answer.expiration: the smallest TTL of the answer, or for no data
+        # the SOA's negative TTL (RFC 2308), as dnspython's own cache uses it.
+        self._answers.put(key, False, items, getattr(answer, "expiration", None))
+        return self._answered(name, rdtype, items, budget)
+
+    @staticmethod
+    def _answered(
+        name: str | dns.name.Name, rdtype: str, items: tuple[Any, ...], budget: Budget
+    ) -> list[Any]:
         if budget.trace is not None:  # only --explain wants the text
             budget.note(f"{name} {rdtype}: " + (", ".join(map(_to_text, items)) or "no data"))
-        return items
+        return list(items)
 
     # -- typed helpers ----------------------------------------------------
 
     def ptr(self, addr: IPAddress, budget: Budget) -> list[str]:
         """PTR names of ``addr``, lower case, without the final dot."""
-        rev = dns.reversename.from_address(str(addr))
+        rev = _reverse_name(addr)
         return [
             r.target.to_text(omit_final_dot=True).lower() for r in self.query(rev, "PTR", budget)
         ]
@@ -203,6 +230,73 @@ class Resolver:
             yield
         finally:
             _local.ctx = previous
+
+
+@functools.lru_cache(maxsize=4096)
+def _reverse_name(addr: IPAddress) -> str:
+    """The PTR name of ``addr`` as text (``...ip6.arpa.``), made once per
+    address: a client sends many messages, and dnspython's name building is
+    not free."""
+    return dns.reversename.from_address(str(addr)).to_text()
+
+
+def _cache_name(name: str | dns.name.Name) -> str:
+    """The answer cache's spelling of ``name``: lower case, without a final dot
+    (every query is absolute: ``search=False``)."""
+    text = name if isinstance(name, str) else name.to_text()
+    return (text[:-1] if text.endswith(".") else text).lower()
+
+
+def _nxdomain_expiry(e: dns.resolver.NXDOMAIN) -> float | None:
+    """When an NXDOMAIN stops being true: the SOA's negative TTL (RFC 2308 §5,
+    the smaller of its TTL and MINIMUM); None (not kept) without a SOA."""
+    try:
+        responses = e.responses()
+    except (AttributeError, KeyError, TypeError):
+        return None
+    ttls = [min(rrset.ttl, rrset[0].minimum)
+            for response in responses.values() for rrset in response.authority
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
+    return time.time() + min(ttls) if ttls else None
+
+
+class _AnswerCache:
+    """(name, rdtype) -> (NXDOMAIN?, rdata) until its expiry; LRU, bounded, locked.
+
+    In front of dnspython: a hit costs a dict lookup.  Only answers are kept
+    (records, no data, NXDOMAIN), never a failure.
+    """
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.time):
+        self.size = max(1, size)
+        self.clock = clock  # dnspython's expiration times are time.time()'s
+        self._lock = threading.Lock()
+        self._data: OrderedDict[tuple[str, str], tuple[float, bool, tuple[Any, ...]]] = (
+            OrderedDict())
+
+    def get(self, key: tuple[str, str]) -> tuple[bool, tuple[Any, ...]] | None:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= self.clock():
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry[1], entry[2]
+
+    def put(self, key: tuple[str, str], nxdomain: bool, items: tuple[Any, ...],
+            expiry: float | None) -> None:
+        if expiry is None or expiry <= self.clock():
+            return
+        with self._lock:
+            self._data[key] = (expiry, nxdomain, items)
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 class _CountingCache(dns.resolver.LRUCache):
