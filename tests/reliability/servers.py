@@ -198,8 +198,20 @@ class MilterRunner(lab.MilterRunner):
     def _judging(self) -> list[int]:
         return self.pids()[1:] or [self.pid]
 
+    def _largest(self, key: str) -> int:
+        values = []
+        for p in self._judging():
+            try:
+                values.append(kib(proc_status(p)[key]))
+            except (OSError, KeyError):
+                # A child that exited between the listing and the read (the
+                # start's check as UserID, a replaced worker; a zombie has no
+                # memory lines): not one that judges mail.
+                continue
+        return max(values) if values else kib(proc_status(self.pid)[key])
+
     def rss_kib(self) -> int:
-        return max(kib(proc_status(p)["VmRSS"]) for p in self._judging())
+        return self._largest("VmRSS")
 
     def hwm_kib(self) -> int:
-        return max(kib(proc_status(p)["VmHWM"]) for p in self._judging())
+        return self._largest("VmHWM")
