@@ -140,9 +140,9 @@ def timeit(fn: Callable[[], object], n: int, time_limit: float = 10.0) -> float:
 
 
 class InlineEngine(Engine):
-    """``start`` runs the check in the calling thread: one thread to profile."""
+    """``submit`` runs the check in the calling thread: one thread to profile."""
 
-    def start(self, fn: Callable[..., Any], *args: object) -> Future[Any]:
+    def submit(self, fn: Callable[..., Any], *args: object) -> Future[Any]:
         f: Future[Any] = Future()
         f.set_result(fn(*args))
         return f
@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     timeit(lambda: m._log("eom", ACCEPT, time.monotonic(),
                                           rcpt_domain="bench.example", iprev="pass",
                                           spf="pass", dkim="pass"), 1000)))
-    timings.append(("thread pool round trip (engine.start + engine.wait, no-op)",
-                    timeit(lambda: engine.wait(engine.start(lambda: 1), 0), 2000)))
+    session = engine.session()
+    timings.append(("thread pool round trip (session.start + session.wait, no-op)",
+                    timeit(lambda: session.wait(session.start(lambda budget: 1), 0), 2000)))
     timings.append(("metrics: results.labels(...).inc()",
                     timeit(lambda: engine.metrics.results.labels("spf", "pass").inc(), 2000)))
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import TextIO
 
 from . import authresults, config, policy
 from .config import Config, ConfigError
-from .engine import DeadlineBudget, Engine, Message, split_fields
+from .engine import Engine, Message, split_fields
 from .model import ACCEPT, DkimResult, Verdict
 from .resolver import Resolver
 
@@ -144,15 +143,15 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
             verdict = refusals[0][1]
     if checks:
         # One deadline for SPF and DKIM together, as at the milter's end of message.
-        deadline = time.monotonic() + cfg.stage_timeout
-        spf = engine.spf(eff, args.mail_from, args.helo, trace)
+        budget = engine.budget(trace)
+        spf = engine.spf(eff, args.mail_from, args.helo, budget=budget)
         show_trace("SPF lookups")
         explain(f"spf={spf.result}: {spf.detail}")
         if message is not None:
             msg = collect(cfg, message)
             if msg.too_big:
                 explain(f"message: {msg.too_big}: signatures reported, not verified")
-            dkim = engine.dkim_of(msg, DeadlineBudget(deadline, trace))
+            dkim = engine.dkim_of(msg, budget)
             show_trace("DKIM key lookups")
             for r in dkim:
                 explain(f"dkim={r.result} d={r.domain or '-'} s={r.selector or '-'}: {r.detail}")

@@ -263,33 +263,11 @@ class Engine:
         """The end-of-message stage under one deadline (SPEC §1): DKIM is
         verified here while SPF may still run in the pool, then the waits for
         SPF and the PTR check share what is left of one StageTimeout."""
-        deadline = time.monotonic() + self._cfg.stage_timeout
-        dkim = self.dkim_of(msg, DeadlineBudget(deadline, trace))
-        spf_result = session.wait(spf, SPF_UNFINISHED, deadline)
-        iprev_result = session.wait(iprev, IPREV_UNFINISHED, deadline)
+        budget = Budget(self._cfg.stage_timeout, trace)
+        dkim = self.dkim_of(msg, budget)
+        spf_result = session.wait(spf, SPF_UNFINISHED, budget.deadline)
+        iprev_result = session.wait(iprev, IPREV_UNFINISHED, budget.deadline)
         return iprev_result, spf_result, dkim
-
-    # -- the pool, for callers without a session (bench, older callers) -------------------
-
-    def start(self, fn: Callable[..., T], *args: object) -> Future[T]:
-        return self._pool.submit(fn, *args)
-
-    def wait(self, fut: Future[T] | None, fallback: T) -> T:
-        if fut is None:
-            return fallback
-        try:
-            return fut.result(timeout=self._cfg.stage_timeout + _WAIT_GRACE)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            return fallback
-
-
-class DeadlineBudget(Budget):
-    """A budget that ends at a given moment (one deadline shared by a stage)."""
-
-    def __init__(self, deadline: float, trace: list[str] | None = None):
-        super().__init__(0, trace)
-        self.deadline = deadline
 
 
 IPREV_UNFINISHED = IprevResult(Iprev.TEMPERROR, ptr_temperror=True, detail="did not finish in time")

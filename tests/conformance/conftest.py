@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-
-from ipv6milter.resolver import pyspf_bridge
 
 REPORT: list[str] = []
 
 
 def report(title: str, lines: list[str]) -> None:
     REPORT.append("\n".join([f"== {title}", *lines, ""]))
-
-
-@pytest.fixture(autouse=True)
-def _restore_pyspf() -> Iterator[None]:
-    """pyspf's module-level DNSLookup is ours while a test runs, theirs after."""
-    yield
-    pyspf_bridge.uninstall()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

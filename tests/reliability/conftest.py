@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from ipv6milter.resolver import pyspf_bridge
 from tests.integration.harness import (
     AUTHSERV_ID,
     OPTED_IN,
@@ -46,13 +45,6 @@ _LOGS: dict[str, Path] = {}
 def report(title: str, lines: list[str]) -> None:
     """Add a block to the end-of-run report (and to the report file)."""
     REPORT.append("\n".join([f"== {title}", *lines, ""]))
-
-
-@pytest.fixture(autouse=True)
-def _restore_pyspf() -> Iterator[None]:
-    """pyspf's module-level DNSLookup is ours while a test runs, theirs after."""
-    yield
-    pyspf_bridge.uninstall()
 
 
 def _need(*commands: str) -> None:
