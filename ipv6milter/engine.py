@@ -179,6 +179,17 @@ class Session:
         except concurrent.futures.CancelledError:
             return fallback
 
+    def reuse_or_start(self, prev: Check[T] | None, fn: Callable[[Budget], T], key: Hashable,
+                       stale: Callable[[T], bool]) -> Check[T]:
+        """``prev`` when it asked the same question (``key``), was not cancelled
+        and its answer, if there is one, is not ``stale``; otherwise ``prev``
+        is cancelled and ``fn`` started."""
+        if prev is not None and prev.key == key and not prev.cancelled and not (
+                prev.done and prev.result is not None and stale(prev.result)):
+            return prev
+        self.cancel(prev)
+        return self.start(fn, key)
+
     def cancel(self, check: Check[T] | None) -> None:
         if check is not None:
             check.cancel()

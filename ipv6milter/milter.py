@@ -115,15 +115,13 @@ class Ipv6Milter(Milter.Base):
     def _start_spf(self, mail_from: str) -> None:
         assert self.addr is not None
         addr = policy.effective_address(self.addr)
-        key = (addr, mail_from, self.helo, id(self.engine.resolver))
         prev, self.parked_spf = self.parked_spf, None
-        if prev is not None and prev.key == key and not prev.cancelled and not (
-                prev.done and prev.result is not None and prev.result.result == "temperror"):
-            self.spf_chk = prev  # the same question: its answer is still good
-            return
-        self.session.cancel(prev)
-        self.spf_chk = self.session.start(
-            functools.partial(self.engine.spf, addr, mail_from, self.helo, None), key)
+        # The same question after RSET keeps its answer, unless that was a
+        # temporary error (asking again may well succeed).
+        self.spf_chk = self.session.reuse_or_start(
+            prev, functools.partial(self.engine.spf, addr, mail_from, self.helo, None),
+            key=(addr, mail_from, self.helo, id(self.engine.resolver)),
+            stale=lambda r: r.result == "temperror")
 
     def _new_message(self) -> Message:
         return Message(

@@ -646,6 +646,22 @@ def test_the_same_mail_from_after_rset_reuses_the_spf_check() -> None:
     assert m.spf_chk is not first and first.cancelled
 
 
+def test_a_finished_check_is_reused_unless_its_answer_is_stale(resolver: FakeResolver) -> None:
+    session = Engine(cfg(), resolver).session()
+    answers = iter(["temperror", "pass"])
+    first = session.start(lambda budget: next(answers), key="q")
+    assert session.wait(first, "") == "temperror"
+    # A temporary error is asked again; a good answer to the same question is kept.
+    second = session.reuse_or_start(first, lambda budget: next(answers), "q",
+                                    stale=lambda r: r == "temperror")
+    assert second is not first and session.wait(second, "") == "pass"
+    assert session.reuse_or_start(second, lambda budget: "unused", "q",
+                                  stale=lambda r: r == "temperror") is second
+    third = session.reuse_or_start(second, lambda budget: "other", "other question",
+                                   stale=lambda r: False)
+    assert third is not second and second.cancelled
+
+
 def test_queued_work_of_one_client_never_delays_another_clients_check() -> None:
     """One pool thread, held by a check of another client for longer than
     StageTimeout: the next client's PTR check, queued behind it, is run by
