@@ -79,7 +79,7 @@ class Resolver:
 
     ``nameservers`` are ``(address, port)`` pairs; empty means the system's
     resolv.conf.  Configure it once, before threads start; ``query`` is then
-    safe from any thread (dnspython's LRUCache is locked).
+    safe from any thread (the answer cache is locked).
     """
 
     def __init__(
@@ -97,8 +97,9 @@ class Resolver:
             r = dns.resolver.Resolver()
         r.timeout = timeout
         r.lifetime = timeout
-        r.cache = _CountingCache(cache_size, on_cache) if on_cache else dns.resolver.LRUCache(
-            cache_size)
+        # One cache, ours (_AnswerCache, in front of resolve()): dnspython's
+        # own would only hold the same answers a second time.
+        r.cache = None
         self._r = r
         self._on_cache = on_cache
         self._answers = _AnswerCache(cache_size)
@@ -121,12 +122,12 @@ class Resolver:
             raise TempFail(f"DNS time budget for this stage spent before {name} {rdtype}")
         key = (_cache_name(name), rdtype)
         cached = self._answers.get(key)
+        if self._on_cache is not None:
+            self._on_cache(cached is not None)
         if cached is not None:
-            # dnspython's resolve() costs tens of microseconds even when its
-            # cache answers (name parsing, a _Resolution object): answers
-            # still fresh are served here first, counted as cache hits.
-            if self._on_cache is not None:
-                self._on_cache(True)
+            # Served here, before dnspython's resolve(), which costs tens of
+            # microseconds even for a name it has seen (name parsing, a
+            # _Resolution object).
             nxdomain, items = cached
             if nxdomain:
                 budget.note(f"{name} {rdtype}: NXDOMAIN")
@@ -162,7 +163,7 @@ class Resolver:
         rrset = answer.rrset
         items = tuple(rrset) if rrset is not None else ()
         # Answer.expiration: the smallest TTL of the answer, or for no data
-        # the SOA's negative TTL (RFC 2308), as dnspython's own cache uses it.
+        # the SOA's negative TTL (RFC 2308).
         self._answers.put(key, False, items, getattr(answer, "expiration", None))
         return self._answered(name, rdtype, items, budget)
 
@@ -297,19 +298,6 @@ class _AnswerCache:
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-class _CountingCache(dns.resolver.LRUCache):
-    """dnspython's TTL-respecting LRU cache, reporting each hit or miss."""
-
-    def __init__(self, size: int, on_lookup: Callable[[bool], None]):
-        super().__init__(size)
-        self._on_lookup = on_lookup
-
-    def get(self, key: Any) -> Any:
-        value = super().get(key)
-        self._on_lookup(value is not None)
-        return value
 
 
 def probe_nameservers(
