@@ -1,0 +1,7 @@
+"""Growth rows: the smtp inputs (see harness.py)."""
+
+from __future__ import annotations
+
+from .harness import Row
+
+ROWS: list[Row] = []
