@@ -16,6 +16,8 @@ from __future__ import annotations
 
 # -- DKIM signatures and keys ------------------------------------------------------------
 
+MAX_SIGNATURE_FIELD = 16 * 1024
+
 # -- DNS answers (PTR, A/AAAA, MX, SPF TXT, DKIM key TXT, _dmarc TXT) ----------------------
 
 # -- the DNS answer cache ----------------------------------------------------------------
