@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import dkim
 
-from ipv6milter import authresults, dkimcheck, limits
+from ipv6milter import authresults, dkimaccept, dkimcanon, dkimcheck, limits
 from ipv6milter.resolver import Budget
 from tests.dkimkeys import make_key
 from tests.unit.fakedns import FakeResolver
@@ -59,12 +59,23 @@ def _bh(body: bytes) -> bytes:
     return base64.b64encode(hashlib.sha256(body).digest())
 
 
+# What the row builders add around the grown part of a signature (its other
+# tags, or dkimpy's own signature), so that the whole value stays within
+# ``n`` bytes: at the largest size the signature is at the bound, not past it.
+_FIXED = 600
+
+
 def _signature(n: int, make: Callable[[int], bytes]) -> bytes:
-    """A message whose one DKIM-Signature value is about ``n`` bytes long."""
-    return b"DKIM-Signature: " + make(n) + b"\r\n" + HEAD + b"\r\n" + BODY
+    """A message whose one DKIM-Signature value is at most ``n`` bytes long."""
+    value = make(n - _FIXED)
+    assert len(value) <= n, (len(value), n)
+    return b"DKIM-Signature: " + value + b"\r\n" + HEAD + b"\r\n" + BODY
 
 
 _TAGS = b"v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=sel1; "
+
+
+_BLANKS = b"\r\n \r\n "  # folded blank lines
 
 
 def _fill(n: int, unit: bytes) -> bytes:
@@ -76,7 +87,9 @@ def _fill(n: int, unit: bytes) -> bytes:
 
 def _body_message(line: Callable[[int], bytes]) -> Callable[[int], bytes]:
     """A relaxed-signed message with the grown line as its body: the
-    signature no longer matches (fail), the body is canonicalized first."""
+    signature no longer matches (fail), the body is canonicalized first.
+    The lines end in ``end `` (white space before CRLF), so that the
+    trailing-white-space pass cannot skip the body as already canonical."""
 
     def build(n: int) -> bytes:
         return _signed() + HEAD + b"\r\n" + line(n) + b"\r\n"
@@ -102,9 +115,9 @@ def _foreign(value: str) -> object:
 ROWS: list[Row] = [
     # body lines as canonicalization sees them
     Row("body line (relaxed)", "spaces then a letter",
-        _body_message(lambda n: b" " * n + b"a"), _check),
+        _body_message(lambda n: b" " * n + b"a\r\nend "), _check),
     Row("body line (relaxed)", "tabs and spaces then a letter",
-        _body_message(lambda n: _fill(n, b"\t ") + b"a"), _check),
+        _body_message(lambda n: _fill(n, b"\t ") + b"a\r\nend "), _check),
     Row("body line (relaxed)", "lines of trailing white space",
         _body_message(lambda n: _fill(n, b"a \t \r\n")), _check),
     Row("body line (relaxed)", "white-space runs between words",
@@ -128,12 +141,16 @@ ROWS: list[Row] = [
         _check, largest=limits.MAX_SIGNATURE_FIELD),
     Row("DKIM-Signature", "'b' then a white-space run without '='",
         lambda n: _signature(n, lambda k: _TAGS + b"h=from; bh=" + _bh(BODY) + b"; b=AAAA; z=x b"
-                             + b"\r\n \r\n " * (k // 5) + b"x"),
+                             + _fill(k, _BLANKS) + b"x"),
         _check, largest=limits.MAX_SIGNATURE_FIELD),
     Row("DKIM-Signature", "folded blank lines after b=",
-        lambda n: _signed().rstrip(b"\r\n") + b"\r\n \r\n " * (n // 5) + b"\r\n"
+        lambda n: _signed().rstrip(b"\r\n") + _fill(n - _FIXED, _BLANKS) + b"\r\n"
         + HEAD + b"\r\n" + BODY,
         _check, largest=limits.MAX_SIGNATURE_FIELD),
+    Row("DKIM-Signature", "past the bound: white space in b= before a stray character",
+        lambda n: _signature(n + limits.MAX_SIGNATURE_FIELD + _FIXED,
+                             lambda k: _TAGS + b"h=from; bh=AAAA; b=AAAA" + b" " * k + b"!"),
+        _check),
     Row("DKIM-Signature", "repeated separators ';'",
         lambda n: _signature(n, lambda k: _TAGS + b"h=from; bh=AAAA; b=AAAA" + b";" * k),
         _check, largest=limits.MAX_SIGNATURE_FIELD),
@@ -141,10 +158,18 @@ ROWS: list[Row] = [
         lambda n: _signature(n, lambda k: b"v=1; a=rsa-sha256; s=sel1; h=from; bh=AAAA; b=AAAA;"
                              b" d=" + "\u00e9".encode() * (k // 2) + b".example"),
         _check, largest=limits.MAX_SIGNATURE_FIELD),
+    # the steps themselves, past the bound (what they would cost without it)
+    Row("DKIM-Signature b= removal (RE_BTAG)", "'b' then folded blank lines",
+        lambda n: b"; b=AAAA; x= b" + _fill(n // 2, _BLANKS) + b"; b=" + _fill(n // 2, _BLANKS),
+        lambda v: dkimcanon.RE_BTAG.sub(b"\\1", v)),
+    Row("DKIM-Signature h= (signed_fields)", "white-space runs, no colon after them",
+        lambda n: {b"h": b"from" + _fill(n, b" \t\r\n x")}, dkimaccept.signed_fields),
+    Row("DKIM-Signature b= check", "white space before a stray character",
+        lambda n: b"AAAA" + b" " * n + b"!", dkimaccept._b_is_base64),
     # the header section handed to DKIM
     Row("header field (signed)", "folded blank lines",
         lambda n: _signed() + HEAD.replace(b"Subject: growth",
-                                           b"Subject: growth" + b"\r\n \r\n " * (n // 5))
+                                           b"Subject: growth" + _BLANKS * (n // 5))
         + b"\r\n" + BODY,
         _check, largest=64 * KIB),
     Row("DKIM-Signature (reported only)", "white-space runs and separators",
