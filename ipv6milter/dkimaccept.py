@@ -198,7 +198,8 @@ def _unusable(why: str) -> Refusal:
 def _tags(value: bytes) -> dict[bytes, bytes] | Refusal:
     """The tags as dkimpy is to be handed them, or why the signature is
     malformed (RFC 6376 §6.1.1 PERMFAIL, judged without a key)."""
-    if len(value) > limits.MAX_SIGNATURE_FIELD:
+    line_end = 2 if value.endswith(b"\r\n") else 0  # the field's own, not counted
+    if len(value) - line_end > limits.MAX_SIGNATURE_FIELD:
         return _unusable(f"field over {limits.MAX_SIGNATURE_FIELD} bytes")
     try:
         tags = parse_tag_value(value)
