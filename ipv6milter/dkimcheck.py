@@ -103,7 +103,7 @@ def parse_header(head: bytes) -> list[tuple[bytes, bytes]]:
     if head and (not starts or starts[0] != 0):
         raise dkim.MessageFormatError("a folded line with no header field above it")
     fields = []
-    for start, end in zip(starts, [*starts[1:], len(head)], strict=True):
+    for start, end in zip(starts, [*starts[1:], len(head)][: len(starts)], strict=True):
         colon = head.find(b":", start, end)
         line_end = head.find(b"\n", start, end)
         name = head[start:colon]
