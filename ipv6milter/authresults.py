@@ -141,8 +141,11 @@ def unfold(value: str) -> str:
 # White space (Unicode, as str.split sees it) and what ends the authserv-id.
 _SPACE = re.compile(r"\s*")
 _TOKEN = re.compile(r"[^\s;(]*")
-# What changes the depth of a comment, or escapes the next character.
-_COMMENT_MARK = re.compile(r"[()\\]")
+# What changes the depth of a comment (a run of parentheses at a time), or
+# a quoted-pair (RFC 5322 §3.2.1) whose character does not count.  Written
+# to start with one character class, so that the search between two marks
+# runs at C speed.
+_COMMENT_MARK = re.compile(r"[()\\](?:(?<=\()\(*|(?<=\))\)*|(?<=\\).?)", re.DOTALL)
 # What ends a quoted-string, or escapes the next character.
 _QUOTE_MARK = re.compile(r'["\\]')
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
@@ -151,22 +154,18 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 def _after_comment(v: str, i: int) -> int:
     """Where the comment that opens at ``v[i]`` ends (RFC 5322 §3.2.2:
     comments nest, ``\\`` escapes), or ``len(v)`` when it never closes.
-    One pass with a depth counter, jumping from one parenthesis or
-    backslash to the next."""
+    One pass with a depth counter, jumping from one run of parentheses or
+    quoted-pair to the next."""
     depth, j = 0, i
-    while True:
-        m = _COMMENT_MARK.search(v, j)
-        if m is None:
-            return len(v)
-        c, j = m.group(), m.end()
-        if c == "\\":
-            j += 1
-        elif c == "(":
-            depth += 1
-        else:
-            depth -= 1
-            if depth == 0:
-                return j
+    while (m := _COMMENT_MARK.search(v, j)) is not None:
+        run, j = m.group(), m.end()
+        if run[0] == "(":
+            depth += len(run)
+        elif run[0] == ")":
+            depth -= len(run)
+            if depth <= 0:
+                return j + depth  # where the depth reached 0, inside the run
+    return len(v)
 
 
 def _end(m: re.Match[str] | None, default: int) -> int:
