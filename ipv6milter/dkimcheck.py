@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dkim
-from dkim.canonicalization import Relaxed, Simple
+from dkim.canonicalization import Simple
 
 from . import dkimaccept, dkimcanon, limits
 from .dkimaccept import Key, Refusal, Signature
@@ -175,8 +175,9 @@ def canonical_body(body: bytes, algorithm: bytes) -> bytes:
     trimmed = canonical_equivalent(body, algorithm)
     if not trimmed.endswith(b"\r\n"):
         return trimmed
-    canon = Relaxed if algorithm == b"relaxed" else Simple
-    return canon.canonicalize_body(trimmed)
+    if algorithm == b"relaxed":
+        return dkimcanon.relaxed_body(trimmed)
+    return Simple.canonicalize_body(trimmed)
 
 
 def signature_tags(value: bytes) -> dict[bytes, bytes]:

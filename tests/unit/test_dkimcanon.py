@@ -205,3 +205,15 @@ def test_check_dkim_installs_the_replacements() -> None:
         assert dkimcanon.installed()
     finally:
         dkimcanon.uninstall()
+
+
+@pytest.mark.parametrize("unit", [b"a  b\t \r\n", b" \t \r\n\r\n", b"x" * 70 + b"  \r\n", b"\r\n"])
+def test_relaxed_body_in_chunks_same_as_dkimpy(unit: bytes) -> None:
+    """Past a megabyte the body is canonicalized a chunk of lines at a time."""
+    body = unit * ((3 << 20) // len(unit) + 1) + b"tail  \r\n\r\n"
+    assert len(body) > 3 << 20
+    dkimcanon.uninstall()
+    expected = dkim.canonicalization.Relaxed.canonicalize_body(body)
+    assert dkimcanon.relaxed_body(body) == expected
+    assert dkimcanon.relaxed_body(body[:1000]) == \
+        dkim.canonicalization.Relaxed.canonicalize_body(body[:1000])
