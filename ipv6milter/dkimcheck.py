@@ -44,6 +44,14 @@ class _DebugOnly(logging.LoggerAdapter):
 
 _dkimpy_log = _DebugOnly(logging.getLogger("ipv6milter.dkimpy"), {})
 
+# Every pattern here reads sender data and runs in linear time (none can try
+# a run of characters from more than one start): _TOKEN's repetition is
+# bounded (253); _HEAD_END, _BARE_LF, _FIELD_START and _FIELD_LINE look at a
+# few characters per position; _SIGNATURE_FIELD and _SIGNATURE_VALUE start
+# only at a line start, their [ \t]* run belongs to that line, and nothing
+# follows _SIGNATURE_VALUE's repetition, so a failed extra iteration never
+# backtracks into the earlier ones; _FIELD_NAME is matched once per field,
+# its two classes meet only at the name's end.
 _TOKEN = re.compile(rb"^[A-Za-z0-9._-]{1,253}$")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 # Lenient on purpose (any case, space before the colon): a false match only
