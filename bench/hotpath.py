@@ -54,12 +54,15 @@ from .servers import build_zones, make_key
 # (component, path fragments of a function's file), first match wins; py files
 # of ours by module, the libraries by package.
 COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
-    ("dkimpy: header hashing and canonicalization", ("dkim/__init__.py:hash_headers",
-                                                      "dkim/canonicalization.py")),
-    ("dkimpy: tag-value parse and signature checks", ("dkim/util.py",
-                                                      "dkim/__init__.py:validate_signature_fields",
-                                                      "dkim/__init__.py:select_headers")),
-    ("dkimpy: the rest (message parse, verify steps)", ("dkim/",)),
+    ("dkimpy: message parse", ("dkim/__init__.py:rfc822_parse", "dkim/__init__.py:DKIM.__init__",
+                               "dkim/__init__.py:DomainSigner.__init__",
+                               "dkim/__init__.py:DomainSigner.set_message")),
+    ("dkimpy: header selection, canonicalization, hashing", (
+        "dkim/__init__.py:hash_headers", "dkim/__init__.py:select_headers",
+        "dkim/canonicalization.py")),
+    ("dkimpy: tag-value parse and signature field checks", (
+        "dkim/util.py", "dkim/__init__.py:validate_signature_fields")),
+    ("dkimpy: the rest of verify", ("dkim/",)),
     ("RSA verify (OpenSSL via cryptography; dkimrsa.py)", ("ipv6milter/dkimrsa.py",
                                                           "cryptography/", "RSAPublicKey")),
     ("ours: DKIM (dkimcheck, dkimaccept, dkimcanon)", ("ipv6milter/dkimcheck.py",
@@ -105,27 +108,38 @@ def component(func: tuple[str, int, str]) -> str | None:
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 
-def components(raw: str) -> dict[str, int]:
+def components(raw: str, top: dict[str, dict[str, int]] | None = None) -> dict[str, int]:
     """Samples per component from py-spy's collapsed stacks (``--format raw``):
     each sample goes to the innermost frame that is not transparent (py-spy
     shows no frame for C code: a C built-in's time is already its caller's);
     only stacks inside ``one_message`` count (not the set-up, not the DNS
-    responder's thread)."""
+    responder's thread).  ``top``, if given, gets the samples per function
+    within each component."""
     out: dict[str, int] = {}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit() or "one_message" not in stack:
             continue
-        comp = "other Python (stdlib)"
+        comp, func, caller = "other Python (stdlib)", "?", ""
         for frame in reversed(stack.split(";")):
             m = _FRAME.match(frame)
             if not m:
                 continue
             c = component((m["file"], 0, m["func"]))
-            if c is not None:
-                comp = c
+            if c is None:
+                continue
+            if func == "?":
+                comp, func = c, f"{m['func']} ({m['file'].rsplit('/', 1)[-1]})"
+            elif c != comp:
+                caller = c  # the first other component outwards: who called it
                 break
         out[comp] = out.get(comp, 0) + int(count)
+        if top is not None:
+            funcs = top.setdefault(comp, {})
+            funcs[func] = funcs.get(func, 0) + int(count)
+            if caller:
+                callers = top.setdefault(f"{comp}\0callers", {})
+                callers[caller] = callers.get(caller, 0) + int(count)
     return out
 
 
@@ -231,16 +245,23 @@ def rank_components(cfg: config.Config, headers: list[tuple[str, bytes]], chunks
             one_message(inline, headers, chunks, protocol)
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
-        own = components(raw.read_text())
+        funcs: dict[str, dict[str, int]] = {}
+        own = components(raw.read_text(), funcs)
     total = sum(own.values())
     rounds_text = ", ".join(f"{x:.0f}" for x in cpu)
     print(f"\nchecks inline: CPU {inline_us:.0f} us/msg (rounds {rounds_text}); the pool's round"
           f" trip: {pooled_us - inline_us:.0f} us/msg; py-spy: {total} samples in"
           f" {messages * rounds} messages, scaled to {inline_us:.0f} us/msg\n")
-    print("| component | share | µs per 4 KB message |")
-    print("|---|---:|---:|")
+    print("| component | share | µs per 4 KB message | where (share of the component) |"
+          " called from |")
+    print("|---|---:|---:|---|---|")
     for comp, n in sorted(own.items(), key=lambda kv: -kv[1]):
-        print(f"| {comp} | {100 * n / total:.1f}% | {inline_us * n / total:.0f} |")
+        where = sorted(funcs.get(comp, {}).items(), key=lambda kv: -kv[1])[:3]
+        text = ", ".join(f"`{f}` {100 * k / n:.0f}%" for f, k in where)
+        by = sorted(funcs.get(f"{comp}\0callers", {}).items(), key=lambda kv: -kv[1])[:3]
+        by_text = ", ".join(f"{c} {100 * k / n:.0f}%" for c, k in by)
+        print(f"| {comp} | {100 * n / total:.1f}% | {inline_us * n / total:.0f} | {text}"
+              f" | {by_text} |")
 
 
 if __name__ == "__main__":

@@ -263,6 +263,31 @@ def scoping_markdown(result: dict[str, Any]) -> list[str]:
 # -- results.md ------------------------------------------------------------------------------
 
 
+def _noise_note(result: dict[str, Any]) -> list[str]:
+    """A warning when the machine was busier than its cores: then only the
+    ratios within the run and the CPU per message are worth quoting."""
+    mach = result["info"]["machine"]
+    try:
+        cores = int(mach["nproc"])
+        loads = [float(mach[k].split()[0]) for k in ("loadavg_at_start", "loadavg_at_end")
+                 if k in mach]
+    except (KeyError, ValueError, IndexError):
+        return []
+    if not loads or max(loads) <= cores:
+        return []
+    sp = spread(result)
+    swings = [hi / lo for (lo, hi, n) in sp.values() if lo > 0 and n > 1]
+    worst = f" up to {max(swings):.1f}x" if swings else ""
+    return [
+        f"**Noisy machine**: the load average reached {max(loads):.0f} on {cores} cores (other"
+        f" work ran at the same time); throughput moved{worst} between the rounds of one cell"
+        " (spread table below). Quote the ratios between configurations of this run and the"
+        " CPU per message, which the load distorts least, not the absolute rates.",
+        "",
+    ]
+
+
+
 def markdown(result: dict[str, Any]) -> str:
     info = result["info"]
     mach = info["machine"]
@@ -278,6 +303,7 @@ def markdown(result: dict[str, Any]) -> str:
         f" Debian {mach['debian']}; load average at start {mach['loadavg_at_start']},"
         f" at end {mach.get('loadavg_at_end', '?')} (other work on the machine counts too).",
         "",
+        *_noise_note(result),
         "Written by `make bench` (bench/run.py); method and analysis in docs/performance.md."
         f" ipv6milter's Workers key: {info.get('workers', 'not probed')}.",
         "One private Postfix, one smtpd listener per configuration; `smtp-source` from"
@@ -445,9 +471,14 @@ def summarise_profile(raw: str, top: int = 25) -> dict[str, Any]:
             continue
         c = int(count)
         frames = stack.split(";")
-        if frames and frames[0].startswith("process "):  # py-spy --subprocesses
-            procs[frames[0].split(":", 1)[0]] += c
+        # py-spy --subprocesses names every process from the root down (a
+        # prefork worker: the parent's frame, then its own): count the last.
+        proc = ""
+        while frames and frames[0].startswith("process "):
+            proc = frames[0].split(":", 1)[0]
             frames = frames[1:]
+        if proc:
+            procs[proc] += c
             if not frames:
                 continue
         m = _THREAD.match(frames[0])
