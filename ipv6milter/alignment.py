@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from .config import a_labels
 from .limits import DMARC_RECORD_MAX, DMARC_WALK_QUERIES, FROM_FIELD_MAX
 from .model import Aligned, Alignment, DkimResult, SpfResult
+from .policy import aligned_summary
 from .resolver import Budget, Resolver, TempFail
 
 MODES = ("off", "relaxed", "strict")
@@ -426,3 +427,16 @@ def evaluate(resolver: Resolver, mode: str, from_values: Sequence[bytes],
     if walk.queries:
         budget.note(f"alignment: {walk.queries} _dmarc queries")
     return Alignment(mode, from_domain, "", spf_state, tuple(dkim_states))
+
+
+def log_fields(mode: str, facts: Alignment | None, spf: SpfResult | None,
+               dkim: Sequence[DkimResult]) -> dict[str, str | None]:
+    """The end-of-message line's alignment fields (SPEC §4); none with
+    ``Alignment off``.  Unjudged mail (out of scope, not stamped) has ``-``."""
+    if mode == "off":
+        return {}
+    return {
+        "alignment": mode,
+        "aligned": aligned_summary(spf, dkim, facts) if facts is not None else None,
+        "header_from": facts.from_domain if facts is not None else None,
+    }

@@ -416,3 +416,43 @@ def test_alignment_off_writes_the_header_as_before() -> None:
     spf, dkim = _spf("example.com"), (_dk("example.com"),)
     assert _header(None, spf, dkim) == authresults.build("mx.example.org", ADDR, None, spf, dkim)
     assert "(" not in _header(None, spf, dkim)
+
+
+# -- through the milter adapter (TestCtx) ------------------------------------------------
+
+
+def test_the_milter_judges_alignment_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import Milter
+
+    from tests.unit.test_milter import GOOD, ctx_for, message, results, zone
+    from tests.unit.test_milter import cfg as milter_cfg
+
+    ctx = ctx_for(milter_cfg(alignment="relaxed"), zone())
+    ctx.connect(GOOD)
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        # SPF passes for example.com, but From names another organization.
+        out = ctx.transaction("a@example.com", ["b@example.org"], message("ceo@bank.example"))
+    assert out["eom"] == Milter.TEMPFAIL
+    assert out["eom_reply"] == ("450", "4.7.26", ALIGNED_TEXT)
+    assert "alignment=relaxed aligned=none header_from=bank.example" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        # SPF fails; the DKIM signature of example.com is aligned with From.
+        out = ctx.transaction("x@fail.example", ["b@example.org"],
+                              message("a@example.com", sign=True))
+    assert out["eom"] == Milter.CONTINUE, out
+    assert results(ctx) == {"iprev": "pass", "spf": "fail", "dkim": "pass"}
+    assert "alignment=relaxed aligned=dkim header_from=example.com" in caplog.text
+    (add,) = [c for c in ctx.calls if c[0] == "add"]
+    assert "dkim=pass (aligned with example.com)" in add[2]
+
+    ctx = ctx_for(milter_cfg(), zone())  # Alignment off: the same message passes on SPF
+    ctx.connect(GOOD)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        out = ctx.transaction("a@example.com", ["b@example.org"], message("ceo@bank.example"))
+    assert out["eom"] == Milter.CONTINUE
+    assert "alignment=" not in caplog.text and "header_from=" not in caplog.text
