@@ -316,9 +316,10 @@ class Walk:
                 self._records[target] = "?"
                 raise
             psd = self._records[target] = dmarc_answer(records)
-            self._budget.note(f"  _dmarc.{target}: " + (
-                "no DMARC record (none, or several: RFC 9989 §4.10 step 2)" if psd is None
-                else f"a DMARC record, psd={psd}"))
+            if self._budget.trace is not None:  # --explain only
+                self._budget.note(f"  _dmarc.{target}: " + (
+                    "no DMARC record (none, or several: RFC 9989 §4.10 step 2)" if psd is None
+                    else f"a DMARC record, psd={psd}"))
         psd = self._records[target]
         if psd == "?":
             raise TempFail(f"_dmarc.{target} TXT failed earlier in this message")
