@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 
 import authres
 import pytest
@@ -456,3 +457,26 @@ def test_the_milter_judges_alignment_and_logs_it(caplog: pytest.LogCaptureFixtur
         out = ctx.transaction("a@example.com", ["b@example.org"], message("ceo@bank.example"))
     assert out["eom"] == Milter.CONTINUE
     assert "alignment=" not in caplog.text and "header_from=" not in caplog.text
+
+
+# -- any bytes: a defined answer, and never an address that is not written ------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PIECES = st.sampled_from([b"a", b"@", b"<", b">", b"(", b")", b'"', b"\\", b",", b";", b":",
+                           b".", b" ", b"\r\n ", b"[", b"]", b"example.com", b"b\xc3\xbc",
+                           b"\xff", b"\x00", b"xn--", b"-"])
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(_PIECES, max_size=30).map(b"".join))
+def test_any_from_field_gets_a_defined_answer(field: bytes) -> None:
+    domain, problem = alignment.author_domain([field])
+    assert (domain is None) == bool(problem)
+    if domain is not None:
+        text = field.decode("utf-8", "surrogateescape")
+        # The domain is written in the field, right after an "@".
+        written = {alignment.normalise(re.split(r"[>,;( \t\r\n]", part)[0], drop_dot=False)
+                   for part in text.split("@")[1:]}
+        assert domain in written, (field, domain)
