@@ -480,3 +480,15 @@ def test_any_from_field_gets_a_defined_answer(field: bytes) -> None:
         written = {alignment.normalise(re.split(r"[>,;( \t\r\n]", part)[0], drop_dot=False)
                    for part in text.split("@")[1:]}
         assert domain in written, (field, domain)
+
+
+def test_a_u_label_d_is_reported_as_its_a_label_and_aligns() -> None:
+    from ipv6milter import dkimcheck
+
+    value = "v=1; a=rsa-sha256; d=bücher.example; s=sel; h=from; bh=x; b=abcd".encode()
+    r = dkimcheck.describe(value, "pass", "signature verified")
+    assert r.domain == "xn--bcher-kva.example"
+    al = alignment.evaluate(FakeResolver(), "strict", ["a@BÜCHER.example".encode()], None,
+                            (r,), budget())
+    assert al.dkim == (Aligned.YES,)
+    assert dkimcheck.describe(b"d=\xff.example; s=s", "permerror", "").domain == ""
