@@ -296,6 +296,9 @@ def walk_targets(domain: str) -> list[str]:
     return targets
 
 
+_FAILED = "temporary failure"
+
+
 class Walk:
     """The tree walks of one message, sharing its lookups: a ``_dmarc`` name
     is asked once per message, whichever walk needs it first."""
@@ -303,7 +306,8 @@ class Walk:
     def __init__(self, resolver: Resolver, budget: Budget):
         self._resolver = resolver
         self._budget = budget
-        self._records: dict[str, str | None] = {}  # target -> psd, or None: no DMARC record
+        # target -> psd, None (no DMARC record) or _FAILED (a temporary failure)
+        self._records: dict[str, str | None] = {}
         self._orgs: dict[str, str | None] = {}  # domain -> organizational domain, None: unknown
         self.queries = 0
 
@@ -313,7 +317,7 @@ class Walk:
             try:
                 records = self._resolver.txt("_dmarc." + target, self._budget)
             except TempFail:
-                self._records[target] = "?"
+                self._records[target] = _FAILED
                 raise
             psd = self._records[target] = dmarc_answer(records)
             if self._budget.trace is not None:  # --explain only
@@ -321,7 +325,7 @@ class Walk:
                     "no DMARC record (none, or several: RFC 9989 §4.10 step 2)" if psd is None
                     else f"a DMARC record, psd={psd}"))
         psd = self._records[target]
-        if psd == "?":
+        if psd == _FAILED:
             raise TempFail(f"_dmarc.{target} TXT failed earlier in this message")
         return psd
 
@@ -372,7 +376,7 @@ def _spf_domain(spf: SpfResult) -> str | None:
 
 
 def judge(mode: str, walk: Walk, from_domain: str, domain: str | None) -> Aligned:
-    """Whether ``domain`` is aligned with ``from_domain`` (RFC 9989 §3.2.6, §4.10.2)."""
+    """Whether ``domain`` is aligned with ``from_domain`` (RFC 9989 §4.10.2)."""
     if domain is None:
         return Aligned.NO
     if domain == from_domain:
