@@ -16,6 +16,9 @@ The client claims 2001:db8:a11::25 with XCLIENT; its PTR and AAAA confirm.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +175,15 @@ def test_without_any_dmarc_record_relaxed_is_strict(world: tuple) -> None:
     assert out.data is not None and str(out.data) == ALIGNED_REFUSAL
     out = send(pf, "b@nodmarc.aligntest", "boss@nodmarc.aligntest", marker())
     assert out.accepted, out
+
+
+def test_the_report_counts_the_aligned_refusal_as_its_own_reply(world: tuple) -> None:
+    m, pf = world
+    out = send(pf, "b@other.aligntest", "boss@corp.aligntest", marker())
+    assert out.data is not None and str(out.data) == ALIGNED_REFUSAL
+    report = Path(sys.executable).parent / "ipv6milter-report"
+    got = json.loads(subprocess.run([str(report), "--format", "json", str(m.log)],
+                                    capture_output=True, check=True).stdout)
+    replies = {(r["status"], r["stage"], r["reply"]) for r in got["replies"]}
+    assert ("refused", "eom", "450 4.7.26 aligned") in replies
+    assert not any(r[2] == "450 4.7.26" for r in replies)  # none counted as the unaligned rule
