@@ -240,15 +240,22 @@ def author_domain(values: Sequence[bytes]) -> tuple[str | None, str]:
         return None, "no address in the From field"
     if any(literal for _, literal in mailboxes):
         return None, "an address literal in the From field"
-    domains = set()
+    # Each spelling is converted once (IDNA is the costly step), and the
+    # second domain ends the search.
+    spellings: dict[str, str | None] = {}
+    found = None
     for text, _ in mailboxes:
-        d = normalise(text, drop_dot=False)
+        key = text.lower()
+        if key not in spellings:
+            spellings[key] = normalise(key, drop_dot=False)
+        d = spellings[key]
         if d is None:
             return None, "a From address whose domain is not a domain name"
-        domains.add(d)
-    if len(domains) > 1:
-        return None, "more than one domain in the From field"
-    return domains.pop(), ""
+        if found is not None and d != found:
+            return None, "more than one domain in the From field"
+        found = d
+    assert found is not None
+    return found, ""
 
 
 # -- the DNS tree walk (RFC 9989 §4.10) --------------------------------------------------

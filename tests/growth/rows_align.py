@@ -25,6 +25,21 @@ def _fit(prefix: bytes, unit: bytes, suffix: bytes, n: int) -> bytes:
 _ADDR = b" <a@example.com>"
 
 
+def _spellings(n: int) -> bytes:
+    """Mailboxes of one IDN written with ASCII and fullwidth letters mixed:
+    each spelling is a conversion of its own."""
+    out, i = [], 0
+    size = min(n, FROM_FIELD_MAX) - 40
+    while sum(map(len, out)) + 2 * len(out) < size:
+        domain = "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c != "." and (i >> k) & 1
+                         else c for k, c in enumerate("bücher.example"))
+        out.append(f"a@{domain}".encode())
+        i += 1
+    value = b", ".join(out)
+    assert alignment.author_domain([value])[0] == "xn--bcher-kva.example"
+    return value
+
+
 def _nested(n: int) -> bytes:
     depth = (min(n, FROM_FIELD_MAX) - 16) // 2
     value = b"(" * depth + b")" * depth + b" a@example.com"
@@ -47,6 +62,8 @@ ROWS: list[Row] = [
     Row("From field", "many mailboxes of one domain",
         lambda n: _fit(b"", b"a@example.com, ", b"b@example.com", n), _from,
         largest=FROM_FIELD_MAX),
+    Row("From field", "many mailboxes, one U-label domain spelled many ways",
+        lambda n: _spellings(n), _from, largest=FROM_FIELD_MAX),
     Row("From field", "many empty groups",
         lambda n: _fit(b"", b"g:;,", b"a@example.com", n), _from, largest=FROM_FIELD_MAX),
     Row("From field", "long label, many dots",
