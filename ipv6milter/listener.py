@@ -1,4 +1,4 @@
-"""The listening socket: bound once by the supervisor, shared by every worker, removed at the stop.
+"""The listening socket: bound once by the supervisor, shared by the workers, removed at the stop.
 
 The supervisor binds the socket with libmilter's ``opensocket``, as root
 and before privileges are dropped; the workers inherit it across the fork

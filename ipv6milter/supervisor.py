@@ -1,4 +1,4 @@
-"""The supervisor, the parent process: workers started, replaced, signalled and stopped; reload.
+"""The supervisor (the parent): workers started, replaced, signalled and stopped; reload.
 
 The supervisor binds the socket once (``listener``, before privileges are
 dropped), checks what ``UserID`` can do (``privileges``), then forks the
@@ -333,36 +333,7 @@ class Supervisor:
 
     # -- the stop -----------------------------------------------------------------------
     def _stop_children(self) -> None:
-        """SIGTERM to every child; SIGKILL to any still there after the grace time."""
-        for slot in self._all_slots():
-            if slot.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        killed = False
-        while True:
-            while True:
-                try:
-                    pid, _status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    pid = 0
-                    for slot in self._all_slots():
-                        slot.pid = None
-                if pid == 0:
-                    break
-                for slot in self._all_slots():
-                    if slot.pid == pid:
-                        slot.pid = None
-            live = [s for s in self._all_slots() if s.pid is not None]
-            if not live:
-                return
-            if not killed and time.monotonic() > deadline:
-                for slot in live:
-                    log.warning("%s (pid %d) did not stop; killing it", slot.name, slot.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(slot.pid, signal.SIGKILL)  # type: ignore[arg-type]
-                killed = True
-            time.sleep(0.02)  # SIGCHLD would wake a select; a short poll is as good here
+        _stop(self._all_slots())
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -375,3 +346,36 @@ class Supervisor:
         if self.cfg.pid_file:
             remove_pid_file(self.cfg.pid_file, self.pid)
         self.endpoint.remove()
+
+
+def _stop(slots: list[_Slot]) -> None:
+    """SIGTERM to every child; SIGKILL to any still there after the grace time."""
+    for slot in slots:
+        if slot.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_GRACE
+    killed = False
+    while True:
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+                for slot in slots:
+                    slot.pid = None
+            if pid == 0:
+                break
+            for slot in slots:
+                if slot.pid == pid:
+                    slot.pid = None
+        live = [s for s in slots if s.pid is not None]
+        if not live:
+            return
+        if not killed and time.monotonic() > deadline:
+            for slot in live:
+                log.warning("%s (pid %d) did not stop; killing it", slot.name, slot.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            killed = True
+        time.sleep(0.02)  # SIGCHLD would wake a select; a short poll is as good here

@@ -515,3 +515,32 @@ def test_a_decision_with_bytes_that_are_not_utf8_reaches_syslog_escaped(
     assert fields["rcpt_domain"] == "r\\xe9fus\\xc3.example"
     assert fields["would_reply"].startswith("550 5.2.1")
     assert any("a line naming <a@b\\xff\\xfe.example>" in line for line in lines), lines
+
+
+@pytest.mark.timeout(30)
+def test_the_config_pipe_never_blocks_the_supervisor_and_delivers_the_latest() -> None:
+    """A child that does not read (frozen by a hostile message) must not stall
+    the supervisor; when it reads again it gets the configuration in progress,
+    then the newest, not every one in between."""
+    from ipv6milter.configpipe import Receiver, Sender
+
+    # AcceptDomains large enough that one frame does not fit in the pipe.
+    big = " ".join(f"d{i}.example" for i in range(12000))
+    configs = [config.parse(f"AcceptDomains {big}\nDNSTimeout {n}\n") for n in (1, 2, 3)]
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sender, receiver = Sender(w), Receiver(r)
+    try:
+        for cfg in configs:
+            sender.send(cfg)  # returns at once, though nobody reads
+        assert sender.pending
+        got: list[config.Config] = []
+        while len(got) < 2:  # a third would be a bug; a missing one times the test out
+            got += receiver.read() or []
+            sender.flush()
+        assert [c.dns_timeout for c in got] == [1, 3]
+        assert got[-1] == configs[-1]
+        assert not sender.pending
+    finally:
+        sender.close()
+    assert receiver.read() is None  # the supervisor gone: end of file
+    os.close(r)
