@@ -165,7 +165,8 @@ def test_a_clone_in_a_0700_directory_still_judges_after_the_switch(
                 env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
         try:
             wait_until("the milter", lambda: tcp_open("127.0.0.1", port), timeout=30)
-            assert "running as nobody" in log.read_text()
+            # The socket listens from before the check as UserID, which logs this line.
+            wait_until("the switch", lambda: "running as nobody" in log.read_text(), timeout=30)
             for n in range(6):  # over both workers, most likely; each must judge
                 _judged(port, f"clone{n}")
             workers = _children(proc.pid)
