@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import Config
 from .configpipe import Receiver
+from .worker import STOP
 
 log = logging.getLogger("ipv6milter")
 
@@ -145,8 +146,6 @@ class MetricsServer:
         raise SystemExit(0)
 
     def run(self) -> int:
-        from .worker import STOP
-
         for sig in STOP:
             signal.signal(sig, self._on_stop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)

@@ -40,8 +40,10 @@ import threading
 from functools import partial
 from typing import Any
 
+from .cli import setup_logging
 from .config import Config
 from .configpipe import Receiver
+from .metrics import config_hash
 
 log = logging.getLogger("ipv6milter")
 
@@ -115,9 +117,6 @@ class Worker:
         self.failure: str | None = None
 
     def reload(self, cfg: Config) -> None:
-        from .cli import setup_logging
-        from .metrics import config_hash
-
         setup_logging(cfg)
         self.engine.reload(cfg)
         log.info("worker %d (pid %d) uses the new configuration %s", self.number,
