@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="where results.* go (default bench/; --quick: a temporary"
                    " directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    p.add_argument("--max-minutes", type=float, default=14.0,
+    p.add_argument("--max-minutes", type=float, default=20.0,
                    help="no new run starts after this (the whole bench stays bounded)")
     args = p.parse_args(argv)
     cells, scoping_cells = CELLS, SCOPING_CELLS
