@@ -27,6 +27,7 @@ import dkim
 from dkim.canonicalization import Simple
 
 from . import dkimaccept, dkimcanon, limits
+from .config import a_labels
 from .dkimaccept import Key, Refusal, Signature
 from .dkimcanon import field_name, signed_subset
 from .model import DkimResult
