@@ -67,7 +67,6 @@ key record, before any cryptography
                                               Signers in testing mode
                                               differently from unsigned email":
                                               it never passes
-
   a record dkimpy cannot read,      permerror RFC 6376 §6.1.2 (PERMFAIL, key
   or a revoked key (empty ``p=``)             unavailable or unusable)
 """
