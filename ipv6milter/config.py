@@ -408,6 +408,8 @@ KEYS: tuple[Key, ...] = (
     Key("DNSTimeout", "dns_timeout", _number(float, 0.1, 300), "seconds per DNS lookup"),
     Key("StageTimeout", "stage_timeout", _number(float, 0.1, 3600), "seconds per SMTP stage"),
     Key("MaxSignatures", "max_signatures", _number(int, 1, 100), "DKIM signatures tried"),
+    Key("SPFVoidLookupLimit", "spf_void_lookup_limit", _number(int, 2, 20),
+        "void DNS lookups allowed in one SPF evaluation (RFC 7208 4.6.4)"),
     Key("MaxMessageSize", "max_message_size", _number(int, 1024, 2**40), "bytes kept for DKIM"),
     Key("UserID", "user_id", parse_userid, "user[:group] after binding"),
     Key("UMask", "umask", parse_umask, "umask for a unix socket"),
@@ -440,6 +442,7 @@ class Config:
     dns_timeout: float = 5.0
     stage_timeout: float = 20.0
     max_signatures: int = 5
+    spf_void_lookup_limit: int = 2  # RFC 7208 §4.6.4's recommended two
     max_message_size: int = 67108864
     user_id: str | None = None
     umask: int = 0o007
