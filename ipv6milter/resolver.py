@@ -283,16 +283,28 @@ def txt_record(strings: Sequence[bytes]) -> bytes | None:
     return joined if len(joined) <= limits.TXT_RECORD_BYTES else None
 
 
+def _pieces(r: Any) -> tuple[int, int]:
+    """(pieces, bytes) of one record's data: a TXT record's strings, a
+    name's labels (PTR, CNAME, MX), or one address (its text)."""
+    strings = getattr(r, "strings", None)
+    if strings is not None:
+        return len(strings), sum(map(len, strings))
+    target = getattr(r, "target", None) or getattr(r, "exchange", None)
+    if target is not None:
+        labels = target.labels
+        return len(labels), sum(map(len, labels))
+    address = getattr(r, "address", None)
+    return 1, len(address) if isinstance(address, str) else 255
+
+
 def over_answer_bounds(items: Sequence[Any]) -> str | None:
     """Why an answer is beyond what a real one holds, or None."""
     if len(items) > limits.DNS_ANSWER_RECORDS:
         return f"more than {limits.DNS_ANSWER_RECORDS} records"
     size = 0
     for r in items:
-        strings = getattr(r, "strings", None)
-        # TXT: each string and its length octet; other types: a name or an
-        # address, at most 255 octets (dnspython checks names on the wire).
-        size += sum(map(len, strings)) + len(strings) if strings is not None else 255
+        pieces, data = _pieces(r)
+        size += pieces + data  # each string or label with its length octet
     if size > limits.DNS_ANSWER_BYTES:
         return f"more than {limits.DNS_ANSWER_BYTES} bytes of record data"
     return None
@@ -313,18 +325,8 @@ def estimated_bytes(name: str, items: Sequence[Any]) -> int:
     """A cheap upper estimate of the memory one cache entry holds."""
     size = _ENTRY_BYTES + len(name) + 8 * len(items)
     for r in items:
-        size += _RECORD_BYTES
-        strings = getattr(r, "strings", None)
-        if strings is not None:  # TXT
-            size += _PIECE_BYTES * len(strings) + sum(map(len, strings))
-            continue
-        target = getattr(r, "target", None) or getattr(r, "exchange", None)
-        if target is not None:  # PTR, CNAME, MX: a dns.name.Name
-            labels = target.labels
-            size += _PIECE_BYTES * len(labels) + sum(map(len, labels))
-            continue
-        address = getattr(r, "address", None)
-        size += _PIECE_BYTES + (len(address) if isinstance(address, str) else 255)
+        pieces, data = _pieces(r)
+        size += _RECORD_BYTES + _PIECE_BYTES * pieces + data
     return size
 
 
