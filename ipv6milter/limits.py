@@ -39,6 +39,17 @@ DNS_ANSWER_RECORDS = 256
 # no data, as above.
 DNS_ANSWER_BYTES = 32 * 1024
 
+# DNS messages parsed for one SMTP stage (the wire bytes of every response,
+# all sections, cache misses only).  dnspython parses a 64 KiB response in
+# ~0.1 s of CPU whatever the answer holds (padding in the additional section
+# too), and one SPF evaluation may make ~110 lookups (10 mx terms of 10 names
+# each): 16 s of CPU for one MAIL FROM.  Real stages parse a few KiB to a few
+# tens of KiB (SPF includes of big senders, a DKIM key); 128 KiB lets a hostile
+# zone make at most three such responses parsed (~0.4 s).  Past it the stage asks
+# nothing more: SPF is permerror (RFC 7208 §4.6.4 lets a verifier limit its
+# processing), any other lookup is no data.
+DNS_STAGE_BYTES = 128 * 1024
+
 # One TXT record (its character-strings joined, RFC 7208 §3.3, RFC 6376 §3.6.2.2):
 # an 8192-bit DKIM key is ~1,500 bytes, an SPF record SHOULD fit 450 (RFC 7208
 # §3.4) and real ones stay under 1 KiB; 8 KiB leaves room for keys with notes

@@ -68,6 +68,10 @@ class Budget:
     def __init__(self, seconds: float, trace: list[str] | None = None):
         self.deadline = time.monotonic() + seconds
         self.trace = trace
+        self.dns_bytes = 0  # DNS messages parsed for this stage (limits.DNS_STAGE_BYTES)
+
+    def over_dns_bytes(self) -> bool:
+        return self.dns_bytes > limits.DNS_STAGE_BYTES
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -141,12 +145,19 @@ class Resolver:
                 budget.note(f"{name} {rdtype}: NXDOMAIN")
                 return []
             return self._answered(name, rdtype, items, budget)
+        if budget.over_dns_bytes():
+            # Each response costs its parsing whatever we keep of it: past the
+            # stage's share nothing more is asked (no data, never a TempFail).
+            budget.note(f"{name} {rdtype}: not asked (this stage's DNS answers passed "
+                        f"{limits.DNS_STAGE_BYTES} bytes)")
+            return []
         try:
             answer = self._r.resolve(
                 name, rdtype, search=False, lifetime=lifetime, raise_on_no_answer=False
             )
         except dns.resolver.NXDOMAIN as e:
             budget.note(f"{name} {rdtype}: NXDOMAIN")
+            budget.dns_bytes += _nxdomain_bytes(e)
             self._answers.put(key, True, (), _nxdomain_expiry(e))
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
@@ -168,6 +179,7 @@ class Resolver:
             # a retry may well succeed, and nothing is turned into a pass.
             budget.note(f"{name} {rdtype}: error ({type(e).__name__})")
             raise TempFail(f"{name} {rdtype}: {type(e).__name__}: {e}") from None
+        budget.dns_bytes += _response_bytes(getattr(answer, "response", None))
         rrset = answer.rrset
         items = tuple(rrset) if rrset is not None else ()
         over = over_answer_bounds(items)
@@ -295,6 +307,33 @@ def _pieces(r: Any) -> tuple[int, int]:
         return len(labels), sum(map(len, labels))
     address = getattr(r, "address", None)
     return 1, len(address) if isinstance(address, str) else 255
+
+
+def _response_bytes(response: Any) -> int:
+    """The size of a parsed DNS message: its wire length where dnspython keeps
+    it (2.6 and later), else the same counted from its records (12 bytes of
+    header each, and their data)."""
+    if response is None:
+        return 0
+    wire = getattr(response, "wire", None)
+    if isinstance(wire, bytes):
+        return len(wire)
+    size = 12
+    for section in (response.answer, response.authority, response.additional):
+        for rrset in section:
+            size += 12 * len(rrset)
+            for r in rrset:
+                pieces, data = _pieces(r)
+                size += pieces + data
+    return size
+
+
+def _nxdomain_bytes(e: dns.resolver.NXDOMAIN) -> int:
+    try:
+        responses = e.responses()
+    except (AttributeError, KeyError, TypeError):
+        return 0
+    return sum(_response_bytes(r) for r in responses.values())
 
 
 def over_answer_bounds(items: Sequence[Any]) -> str | None:
@@ -452,6 +491,9 @@ def _pyspf_lookup(
     if ctx is None:
         raise spf.TempError("DNS lookup outside an ipv6milter SPF check")
     resolver, budget = ctx
+    if budget.over_dns_bytes():
+        # RFC 7208 §4.6.4: a verifier may limit its processing; past a limit, permerror.
+        raise spf.PermError(f"DNS answers of this evaluation over {limits.DNS_STAGE_BYTES} bytes")
     try:
         items = resolver.query(name, qtype, budget)
     except TempFail as e:

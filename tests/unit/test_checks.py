@@ -33,7 +33,15 @@ from ipv6milter.iprev import MAX_NAMES, check_iprev, safe_name
 from ipv6milter.model import Iprev
 from ipv6milter.resolver import Budget, Resolver, TempFail, pyspf_bridge
 from ipv6milter.spfcheck import ascii_domain, check_spf, envelope_address
-from tests.growth.rows_dns import WireResolver, rdata, spf_txt, txt_rdata, wire
+from tests.growth.rows_dns import (
+    WireResolver,
+    mx_fanout,
+    padded,
+    rdata,
+    spf_txt,
+    txt_rdata,
+    wire,
+)
 from tests.growth.rows_dns import zone as wire_zone
 
 from .fakedns import TEMP, FakeResolver
@@ -1285,3 +1293,36 @@ def test_an_answer_over_the_entry_ceiling_is_used_but_not_kept():
         assert len(r.query("big.example", "AAAA", budget())) == n
     assert r.resolved.count(("big.example", "AAAA")) == 2
     assert r._answers.bytes == 0
+
+
+# -- the DNS messages one stage parses (limits.DNS_STAGE_BYTES) --
+
+
+def test_spf_stops_asking_past_the_stages_dns_bytes_and_is_permerror():
+    # 10 mx terms of 10 names, every AAAA response padded to 60 KiB: 111
+    # lookups and ~16 s of dnspython's parsing before the bound.
+    r = WireResolver(mx_fanout(60 * 1024))
+    start = time.thread_time()
+    res = check_spf(r, ADDR, "a@example.com", "mail.example.com", budget())
+    assert res.result == "permerror"
+    assert "DNS answers of this evaluation over" in res.detail
+    assert len(r.resolved) <= 2 + limits.DNS_STAGE_BYTES // (60 * 1024) + 1
+    assert time.thread_time() - start < 2.0
+    # small answers: the same 111 lookups stay far below the bound
+    r = WireResolver(mx_fanout(28))
+    assert check_spf(r, ADDR, "a@example.com", "mail.example.com", budget()).result == "fail"
+    assert len(r.resolved) == 111
+
+
+def test_iprev_past_the_stages_dns_bytes_is_no_data_not_temperror():
+    names = [rdata("PTR", f"h{k}.example.com.") for k in range(10)]
+    wires = {(REV, "PTR"): wire(REV + ".", "PTR", names)}
+    for k in range(10):
+        wires[(f"h{k}.example.com", "AAAA")] = padded(
+            f"h{k}.example.com.", "AAAA", [rdata("AAAA", str(OTHER))], 60 * 1024)
+    trace: list[str] = []
+    r = WireResolver(wires)
+    res = check_iprev(r, ADDR, Budget(20, trace))
+    assert res.result is Iprev.FAIL
+    assert len(r.resolved) < 5
+    assert any("not asked (this stage's DNS answers passed" in t for t in trace)
