@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from . import authresults, dkimaccept, dkimcanon
+from . import authresults, dkimaccept, dkimcanon, limits
 from .config import Config
 from .dkimcheck import check_dkim, unverified
 from .iprev import check_iprev
@@ -270,12 +270,14 @@ class Engine:
 
     def end_of_message(
         self, session: Session, iprev: Check[IprevResult] | None, spf: Check[SpfResult] | None,
-        msg: Message, trace: list[str] | None = None,
+        msg: Message, trace: list[str] | None = None, budget: Budget | None = None,
     ) -> tuple[IprevResult, SpfResult, tuple[DkimResult, ...]]:
         """The end-of-message stage under one deadline (SPEC §1): DKIM is
         verified here while SPF may still run in the pool, then the waits for
-        SPF and the PTR check share what is left of one StageTimeout."""
-        budget = Budget(self._cfg.stage_timeout, trace)
+        SPF and the PTR check share what is left of one StageTimeout.
+        ``budget``: that deadline, when the caller spends the rest of it
+        (From-aligned mode's _dmarc lookups)."""
+        budget = budget or Budget(self._cfg.stage_timeout, trace)
         dkim = self.dkim_of(msg, budget)
         spf_result = session.wait(spf, SPF_UNFINISHED, budget.deadline)
         iprev_result = session.wait(iprev, IPREV_UNFINISHED, budget.deadline)
@@ -318,6 +320,10 @@ class Message:
         self.chunks: list[bytes] = []
         self._sigs: list[bytes] = []  # the topmost signatures, kept past the limits
         self.signed = False  # a DKIM-Signature field was seen
+        # From fields for From-aligned mode, kept past the limits like the
+        # signatures: two at most (a second one already means "no From
+        # domain"), each cut just past the length the parser reads.
+        self.from_values: list[bytes] = []
         self.ar_count = 0  # Authentication-Results fields seen
         self._ours = array("I")  # 1-based indexes of those claiming our authserv-id
         self.fields = 0
@@ -335,6 +341,8 @@ class Message:
             self.signed = True
             if len(self._sigs) < self.max_signatures:
                 self._sigs.append(value)
+        if lname.rstrip(" \t") == "from" and len(self.from_values) < limits.FROM_FIELDS_KEPT:
+            self.from_values.append(value[: limits.FROM_FIELD_MAX + 1])
         self.fields += 1
         n = len(name) + len(self._sep) + len(value) + 2
         if b"\n" in value:  # folded: counted with CRLF line ends, as rebuilt
