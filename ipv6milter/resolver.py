@@ -167,6 +167,7 @@ class Resolver:
             dns.name.NameTooLong,
             dns.name.LabelTooLong,
             dns.name.EmptyLabel,
+            dns.name.BadEscape,  # "a\" from a HELO expanded by SPF's %{h}
             dns.name.IDNAException,
             dns.resolver.YXDOMAIN,
             dns.resolver.NoRootSOA,

@@ -992,6 +992,15 @@ def test_spf_h_macro_is_the_helo_as_given(helo: str):
     assert (f"{helo}.example.net".lower(), "A") in r.asked
 
 
+@pytest.mark.parametrize("helo", ["a\\", "x\\999", "a b", "a..b"])
+def test_spf_h_macro_with_a_helo_that_is_no_dns_name_is_no_data(helo: str):
+    # Through the real Resolver: the expanded name cannot be a DNS name (a bad
+    # escape, an empty label), which is no data, never a temporary failure.
+    r = _wired({("example.com", "TXT"): [spf_txt("v=spf1 exists:%{h}.example.net ~all")]})
+    res = check_spf(r, ADDR, "sender@example.com", helo, budget())
+    assert res.result == "softfail", res
+
+
 def test_spf_ptr_skips_a_name_whose_address_lookup_fails_temporarily():
     # RFC 7208 §5.5: "If a DNS error occurs while doing an A RR lookup, then
     # that domain name is skipped and the search continues."
