@@ -1287,6 +1287,7 @@ def test_cache_stays_within_its_byte_budget_and_keeps_small_answers():
     assert cache.bytes <= budget_bytes
     # r.resolved (the test's own list) grew too: the cache alone is below it
     assert measured <= cache.bytes + 64 * 1024, (measured, cache.bytes)
+    assert measured <= budget_bytes, measured
     assert measured * 3 > cache.bytes  # the estimate is of the right magnitude
     r.query("small.example", "AAAA", budget())
     r.query("small.example", "AAAA", budget())
