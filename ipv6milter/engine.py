@@ -247,7 +247,8 @@ class Engine:
     def spf(self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None,
             budget: Budget | None = None) -> SpfResult:
         with self.metrics.timed("spf"):
-            return check_spf(self._resolver, addr, mail_from, helo, budget or self.budget(trace))
+            return check_spf(self._resolver, addr, mail_from, helo, budget or self.budget(trace),
+                             void_limit=self._cfg.spf_void_lookup_limit)
 
     def dkim(self, message: bytes, trace: list[str] | None = None,
              budget: Budget | None = None) -> tuple[DkimResult, ...]:
