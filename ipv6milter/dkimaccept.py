@@ -177,7 +177,8 @@ def _key_name(tags: Mapping[bytes, bytes]) -> str | None:
         name = a_labels(text)
     except (KeyError, UnicodeError):
         return None
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+    if len(name) > limits.DNS_NAME_CHARS or not all(
+            _LABEL.fullmatch(label) for label in name.split(".")):
         return None
     return name
 
