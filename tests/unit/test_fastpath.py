@@ -3,11 +3,20 @@ they replace, on any input: each is compared with the original here."""
 
 from __future__ import annotations
 
+import hashlib
+
+import dkim
+import dkim.canonicalization
+from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipv6milter import dkimaccept, dkimcheck
+from ipv6milter import dkimaccept, dkimcanon, dkimcheck
 from ipv6milter.dkimaccept import Refusal
+from ipv6milter.dkimcheck import check_dkim
+from ipv6milter.resolver import Budget
+from tests.dkimkeys import make_key
+from tests.unit.fakedns import FakeResolver
 
 # Bytes that make header ends and folding: what head_end must agree on.
 _HEAD_BYTES = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b":", b" ", b"\n\n",
@@ -76,3 +85,68 @@ def test_the_reported_tags_strategy_reaches_accepted_signatures() -> None:
     assert not isinstance(dkimaccept.read_signature(_value(b"YWJj\r\n ZGVm", b"example.com",
                                                            {b"D": b"evil.example"}, True)),
                           Refusal)
+
+
+# -- dkimcanon: the header unfolding and the header hash --------------------------------
+
+_FOLDS = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b" ", b"\t", b"\r\r\n",
+                                   b"\n\r"]), max_size=30).map(b"".join)
+
+
+@settings(max_examples=3000)
+@given(_FOLDS)
+def test_unfold_removes_what_dkimpys_regex_removes(value: bytes) -> None:
+    assert dkimcanon.unfold_header_value(value) == \
+        dkimcanon._DKIMPY["unfold_header_value"](value)
+
+
+@given(st.binary(max_size=200))
+def test_unfold_on_any_bytes(value: bytes) -> None:
+    assert dkimcanon.unfold_header_value(value) == \
+        dkimcanon._DKIMPY["unfold_header_value"](value)
+
+
+_NAMES = st.sampled_from([b"From", b"from", b"To", b"Subject", b"Subject ", b"X-A",
+                          b"DKIM-Signature"])
+_FIELDS = st.lists(st.tuples(_NAMES, _FOLDS.map(lambda v: v + b"\r\n")), max_size=10)
+_H = st.lists(st.sampled_from([b"from", b"to", b"subject", b"x-a", b"date"]), max_size=8)
+_SIG = st.tuples(st.sampled_from([b"DKIM-Signature", b"dkim-signature "]),
+                 st.sampled_from([b" v=1; b=abc\r\n def; d=x\r\n", b"b=; a=x", b"a=1;\tb = Zm9v",
+                                  b" b=abc\r\n", b"x=1"]))
+
+
+@settings(max_examples=2000)
+@given(_FIELDS, _H, _SIG, st.sampled_from([b"simple/simple", b"relaxed/relaxed"]),
+       st.booleans())
+def test_hash_headers_hashes_what_dkimpys_hashes(fields, names, sigheader, c: bytes,
+                                                 installed: bool) -> None:
+    policy = CanonicalizationPolicy.from_c_value(c)
+    try:
+        if installed:
+            dkimcanon.install()
+        headers = policy.canonicalize_headers(fields)
+        ours, theirs = hashlib.sha256(), hashlib.sha256()
+        picked = dkimcanon.hash_headers(ours, policy, headers, list(names), sigheader, {})
+        expected = dkimcanon._DKIMPY["hash_headers"](theirs, policy, headers, list(names),
+                                                     sigheader, {})
+    finally:
+        dkimcanon.uninstall()
+    assert picked == expected
+    assert ours.digest() == theirs.digest()
+
+
+def test_check_dkim_installs_the_header_steps_and_verifies() -> None:
+    private, key = make_key()
+    msg = (b"From: a@example.com\r\nSubject:  folded\r\n  over   lines\r\nTo: b@example.org\r\n"
+           b"\r\nbody\r\n")
+    for c in ((b"relaxed", b"relaxed"), (b"simple", b"simple")):
+        sig = dkim.sign(msg, b"sel1", b"example.com", private, canonicalize=c)
+        r = FakeResolver({("sel1._domainkey.example.com", "TXT"): key})
+        try:
+            assert [x.result for x in check_dkim(r, sig + msg, Budget(5), 5)] == ["pass"]
+            assert dkim.hash_headers is dkimcanon.hash_headers
+            assert dkim.canonicalization.unfold_header_value is dkimcanon.unfold_header_value
+            tampered = sig + msg.replace(b"folded", b"fooled")
+            assert [x.result for x in check_dkim(r, tampered, Budget(5), 5)] == ["fail"]
+        finally:
+            dkimcanon.uninstall()
