@@ -46,6 +46,7 @@ import dns.zone
 
 from ipv6milter import config
 from ipv6milter.engine import Engine
+from ipv6milter.logfmt import lean_records
 
 from .load import make_message
 from .micro import InlineEngine, negotiated_protocol, one_message, split_message
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(open("/dev/null", "w"))  # noqa: SIM115
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
+    lean_records()  # as the daemon's setup_logging does
     engine = Engine(cfg)
     protocol = negotiated_protocol()
     headers, chunks = split_message(make_message(4096, private))

@@ -4,6 +4,8 @@ they replace, on any input: each is compared with the original here."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 
 import dkim
 import dkim.canonicalization
@@ -11,7 +13,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipv6milter import dkimaccept, dkimcanon, dkimcheck
+from ipv6milter import dkimaccept, dkimcanon, dkimcheck, logfmt
 from ipv6milter.dkimaccept import Refusal
 from ipv6milter.dkimcheck import check_dkim
 from ipv6milter.resolver import Budget
@@ -150,3 +152,44 @@ def test_check_dkim_installs_the_header_steps_and_verifies() -> None:
             assert [x.result for x in check_dkim(r, tampered, Budget(5), 5)] == ["fail"]
         finally:
             dkimcanon.uninstall()
+
+
+# -- logfmt: a plain value written without the general path ------------------------------
+
+def _value_general(v: object) -> str:
+    """logfmt.value's general path alone (every value went through it)."""
+    if v is None or v == "":
+        return logfmt.MISSING
+    text = logfmt.printable(logfmt._CONTROL.sub("?", str(v)))[: logfmt.MAX_VALUE]
+    if logfmt._NEEDS_QUOTES.search(text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.sampled_from('ab.-@"=\\ \x7f\x9f\u2028\udcff!~<>[]'), max_size=40),
+    st.text(alphabet="ab", min_size=195, max_size=205),
+    st.integers(), st.none(), st.floats(allow_nan=False),
+)
+
+
+@settings(max_examples=3000)
+@given(_TEXT)
+def test_logfmt_value_is_the_general_paths(v: object) -> None:
+    assert logfmt.value(v) == _value_general(v)
+
+
+def test_lean_records_keep_what_the_formats_print(caplog) -> None:
+    saved = logging._srcfile, logging.logThreads  # type: ignore[attr-defined]
+    try:
+        logfmt.lean_records()
+        with caplog.at_level(logging.INFO, logger="ipv6milter.test"):
+            logging.getLogger("ipv6milter.test").info("x %s", "y")
+        (record,) = caplog.records
+        line = logging.Formatter("ipv6milter[%(process)d]: %(levelname)s %(name)s: "
+                                 "%(message)s").format(record)
+        assert line == f"ipv6milter[{os.getpid()}]: INFO ipv6milter.test: x y"
+        assert record.funcName == "(unknown function)"  # no frame walk for it
+    finally:
+        logging._srcfile, logging.logThreads = saved  # type: ignore[attr-defined]
