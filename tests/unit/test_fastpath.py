@@ -4,18 +4,21 @@ they replace, on any input: each is compared with the original here."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 
+import authres
 import dkim
 import dkim.canonicalization
 from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipv6milter import dkimaccept, dkimcanon, dkimcheck, logfmt
+from ipv6milter import authresults, dkimaccept, dkimcanon, dkimcheck, logfmt
 from ipv6milter.dkimaccept import Refusal
 from ipv6milter.dkimcheck import check_dkim
+from ipv6milter.model import DkimResult, Iprev, IprevResult, SpfResult
 from ipv6milter.resolver import Budget
 from tests.dkimkeys import make_key
 from tests.unit.fakedns import FakeResolver
@@ -193,3 +196,36 @@ def test_lean_records_keep_what_the_formats_print(caplog) -> None:
         assert record.funcName == "(unknown function)"  # no frame walk for it
     finally:
         logging._srcfile, logging.logThreads = saved  # type: ignore[attr-defined]
+
+
+# -- authresults: each clause rendered once ----------------------------------------------
+
+def _header_value_before(authserv_id: str, results: list) -> str:
+    """authresults.header_value as it was: every clause rendered twice."""
+    hdr = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=list(results))
+    clauses = [str(r) for r in hdr.results]
+    flat = hdr.header_value()
+    if flat != "; ".join([hdr.authserv_id, *clauses]):
+        return flat
+    return ";\n\t".join([hdr.authserv_id, *clauses])
+
+
+_WORD = st.sampled_from(["example.com", "a b", 'q"x', "x@y", "", "sel1", "(c)", "AbCd/+=="])
+_DKIM = st.builds(DkimResult, st.sampled_from(["pass", "fail", "permerror", "policy", "neutral"]),
+                  _WORD, _WORD, _WORD, st.sampled_from(["", "no key record: x", "bad (x)"]))
+_SPF = st.one_of(st.none(), st.builds(SpfResult, st.sampled_from(["pass", "fail", "none"]),
+                                      st.sampled_from(["a@example.com", "x y@z", "[::1]",
+                                                       "helo.example"]),
+                                      st.sampled_from(["mailfrom", "helo"])))
+_IPREV = st.one_of(st.none(), st.builds(IprevResult, st.sampled_from(list(Iprev)),
+                                        st.lists(_WORD, max_size=3).map(tuple)))
+
+
+@settings(max_examples=1000)
+@given(_IPREV, _SPF, st.lists(_DKIM, max_size=3), st.sampled_from(["mx.example", "a b"]))
+def test_header_value_is_what_it_was(iprev, spf, dkim_results, authserv_id: str) -> None:
+    results = authresults.results_for(ipaddress.ip_address("2001:db8::1"), iprev, spf,
+                                      dkim_results)
+    assert authresults.header_value(authserv_id, results) == \
+        _header_value_before(authserv_id, results)
+    assert authresults.header_value(authserv_id, []) == _header_value_before(authserv_id, [])
