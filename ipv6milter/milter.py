@@ -16,7 +16,7 @@ from typing import Any
 
 import Milter
 
-from . import authresults, logfmt, policy, spfcheck
+from . import authresults, limits, logfmt, policy, spfcheck
 from .engine import IPREV_UNFINISHED, SPF_UNFINISHED, Check, Engine, Message
 from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
 
@@ -65,6 +65,48 @@ def _no_reply(fn: Callable[..., Any]) -> Callable[..., Any]:
         return Milter.CONTINUE
 
     return Milter.noreply(wrapper)
+
+
+# -- the SMTP arguments, bounded before any parser sees them (RFC 5321 §4.5.3.1) ------------
+
+# What an over-long HELO/EHLO argument reads as: not a domain name (SPF for
+# the null sender "none", %{h} "unknown", no smtp.helo in our header).
+HELO_TOO_LONG = "[too long]"
+
+
+def bounded_helo(helo: str) -> str:
+    return helo if len(helo) <= limits.SMTP_DOMAIN else HELO_TOO_LONG
+
+
+def sender_too_long(mail_from: str) -> SpfResult | None:
+    """SPF's answer for a MAIL FROM past the path bound, without a lookup
+    (RFC 7208 §4.3: no usable domain); None for one within it."""
+    if len(mail_from) <= limits.SMTP_PATH:
+        return None
+    return SpfResult("none", "", "mailfrom",
+                     f"MAIL FROM longer than {limits.SMTP_PATH} characters (RFC 5321 §4.5.3.1.3)")
+
+
+def bounded_recipient(rcpt: str) -> str:
+    """RCPT TO's argument as the parsers read it.
+
+    Past the path bound: the first ``SMTP_LOCAL_PART`` characters of the local
+    part and the last labels of the domain within ``SMTP_DOMAIN`` (cut at a
+    label boundary: the labels nearest the root are what the opt-in match
+    reads).  Neither can be longer in an address that can be delivered.
+    """
+    if len(rcpt) <= limits.SMTP_PATH:
+        return rcpt
+    close = ">" if rcpt.endswith(">") else ""
+    body = rcpt[: len(rcpt) - len(close)]
+    local, at, domain = body.rpartition("@")
+    if not at:
+        return body[: limits.SMTP_LOCAL_PART + 1] + close  # "+ 1": the "<"
+    if len(domain) > limits.SMTP_DOMAIN:
+        domain = domain[-limits.SMTP_DOMAIN :]
+        cut = domain.find(".")
+        domain = domain[cut + 1 :] if 0 <= cut < len(domain) - 1 else domain
+    return local[: limits.SMTP_LOCAL_PART + 1] + "@" + domain + close
 
 
 @Milter.header_leading_space
@@ -128,6 +170,7 @@ class Ipv6Milter(Milter.Base):
             self.cfg.max_message_size, self.cfg.max_signatures,
             self.cfg.default_authserv_id(self.j or self.getsymval("j")),
             leading_space=bool(self._protocol & Milter.P_HDR_LEADSPC),
+            read_id=self.engine.authserv_ids(),
         )
 
     @_no_reply
@@ -156,27 +199,35 @@ class Ipv6Milter(Milter.Base):
 
     @Milter.noreply
     def hello(self, hostname: str) -> int:
-        self.helo = hostname
+        self.helo = bounded_helo(hostname)
         return Milter.CONTINUE
 
     @_no_reply
     def envfrom(self, mail_from: str, *params: str) -> None:
         self._reset_message()
         self.cfg = self.engine.cfg  # a reloaded configuration applies from here on
-        self.mail_from = mail_from
+        too_long = sender_too_long(mail_from)
+        self.mail_from = mail_from[: limits.SMTP_PATH]  # for the log only, past the bound
         authenticated = bool(self.getsymval("{auth_authen}"))
         self.scope = policy.classify(self.cfg, self.addr, authenticated)
         self.engine.metrics.transactions.labels(self.scope.value).inc()
         self.msg = self._new_message()
         if self._checks_wanted():
             self._start_iprev()
-            self._start_spf(mail_from)
+            if too_long is None:
+                self._start_spf(mail_from)
+            else:
+                self.session.cancel(self.parked_spf)
+                self.parked_spf = None
+                self.spf_chk = Check(lambda _budget: too_long, None, self.cfg.stage_timeout)
+                self.spf_chk.run()
         else:
             self.session.cancel(self.parked_spf)
             self.parked_spf = None
 
     @_guarded
     def envrcpt(self, rcpt: str, *params: str) -> int:
+        rcpt = bounded_recipient(rcpt)
         if self.conn_failed or self.failed:
             return self._internal_error("rcpt")
         if not self.scope.in_scope:
