@@ -314,7 +314,7 @@ class Worker:
 
         self.path = path
         self.number = number
-        self.engine = Engine(cfg)
+        self.engine = Engine(cfg, isolate=True)
         self.failure: str | None = None
 
     def reload(self) -> None:
