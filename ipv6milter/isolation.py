@@ -379,7 +379,8 @@ class Helpers:
 
     def __init__(self, cpu_seconds: float = limits.CHECK_CPU_SECONDS,
                  most: int = MAX_HELPERS, idle: int = IDLE_HELPERS):
-        _burn_marker()  # read once, before the fork
+        if _burn_marker() is not None:  # read once, before the fork
+            _seconds_per_step()
         self.cpu_seconds = cpu_seconds
         self.most = most
         self.keep_idle = idle

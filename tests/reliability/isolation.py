@@ -25,6 +25,7 @@ import smtplib
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import dkim
 import dns.message
@@ -291,3 +292,76 @@ def wait_alive(threads: list[threading.Thread], timeout: float) -> list[str]:
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     return [t.name for t in threads if t.is_alive()]
+
+
+# -- the last line: a super-linear step planted in each path (issue 16) ------------------------
+
+BURN_MARK = "zzburn"  # IPV6MILTER_TEST_BURN: "<mark>spf", "<mark>dkim", "<mark>header" trigger
+
+
+def signed_example(mark: str, selector: str = "sel1", extra: list[str] | None = None) -> bytes:
+    """A message from sender@example.com signed by example.com (``selector``),
+    carrying an Authentication-Results field of another host (``extra``)."""
+    msg = make_message(mark, from_addr="sender@example.com", to="rcpt@example.com",
+                       extra_headers=extra or ["Authentication-Results: other.example; spf=pass"])
+    key = make_key(1024, "example.com")[0]
+    return dkim.sign(msg, selector.encode(), b"example.com", key,
+                     canonicalize=(b"relaxed", b"relaxed"),
+                     include_headers=[b"from", b"to", b"subject"]) + msg
+
+
+@dataclass
+class Timed:
+    start: float
+    end: float
+    summary: str
+    eom: object = None
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def timed_run(port: int, case: object) -> Timed:
+    """One whole transaction straight to the milter (hostile.run), timed; the
+    summary names the Authentication-Results fields deleted (``deleted=1``)."""
+    from .hostile import run
+    from .milterclient import MilterConnection
+
+    start = time.monotonic()
+    eoms = []
+    with MilterConnection("127.0.0.1", port, timeout=90) as conn:
+        message = conn.message
+
+        def keep(*args: Any) -> Any:
+            answers = message(*args)
+            eoms.append(answers[1])
+            return answers
+
+        conn.message = keep  # type: ignore[method-assign]
+        out = run(conn, case)  # type: ignore[arg-type]
+    summary = out.summary + "".join(f" !{p}" for p in out.problems)
+    deleted = [i for eom in eoms if eom is not None for i, name, value in eom.changed_headers()
+               if name.lower() == "authentication-results" and not value]
+    if deleted:
+        summary += " deleted=" + ",".join(map(str, deleted))
+    return Timed(start, time.monotonic(), summary)
+
+
+class LegitLoop(threading.Thread):
+    """Legitimate transactions (each its own connection), timed, ``pause``
+    seconds apart: a steady stream, not a load that starves the machine."""
+
+    def __init__(self, name: str, port: int, case: object, pause: float = 0.05):
+        super().__init__(name=name, daemon=True)
+        self.port, self.case, self.pause = port, case, pause
+        self.done: list[Timed] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(self.pause):
+                self.done.append(timed_run(self.port, self.case))
+        except BaseException as e:  # reported by the test
+            self.error = e

@@ -21,15 +21,20 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import GOOD_IP, PostfixInstance, Sink, run_postfix
+from ipv6milter.isolation import BURN_ENV
+from tests.integration.harness import GOOD_IP, PostfixInstance, Sink, free_port, run_postfix
 
 from .conftest import MILTER_BASE, Stopper, report
+from .hostile import Case
 from .isolation import (
+    BURN_MARK,
     SLOW_INC,
     Attacker,
+    LegitLoop,
     SlowNamesProxy,
     Tally,
     attack_zones,
@@ -38,6 +43,8 @@ from .isolation import (
     many_fields_message,
     oversized_key_message,
     percentile,
+    signed_example,
+    timed_run,
     wait_alive,
 )
 from .milterclient import MilterConnection
@@ -290,3 +297,117 @@ def test_a_long_recipient_domain_keeps_its_550(main_milter: MilterRunner, length
     assert r.text.endswith(".example] does not accept email over IPv6."), r
     assert (f"[{domain}]" in r.text) == (length <= 924)
     assert "Traceback" not in main_milter.log_text()
+
+
+# -- the last line of defence: an unknown super-linear step in each path ------------------------
+#
+# With IPV6MILTER_TEST_BURN set, the milter's SPF, DKIM and header paths each
+# burn 30 s of CPU in one call that holds the GIL when the attacker's input
+# carries the marker (isolation.py): what an unknown quadratic regex in a
+# library would do.  Through the real daemon, with one worker and with two,
+# the other clients' transactions go on as before, the attacker gets the
+# documented result, and the stop is counted.
+
+LEGIT_LOOPS = 3
+BURN_REPLY_BOUND = 1.0  # seconds a legitimate transaction may take while a burn runs
+BURN_DELAY_MARGIN = 0.5  # seconds over the slowest baseline transaction
+
+
+def _burn_cases() -> dict[str, Case]:
+    legit = Case("legit", "rcpt=250 eom=250 iprev=pass spf=pass dkim=pass",
+                 message=signed_example("legit"))
+    return {
+        "legit": legit,
+        # SPF: permerror for the attacker only; its good signature still passes.
+        "spf": Case("spf", "rcpt=250 eom=250 iprev=pass spf=permerror dkim=pass",
+                    sender=f"{BURN_MARK}spf@example.com", message=signed_example("spf")),
+        # DKIM: the signature whose selector carries the marker is permerror.
+        "dkim": Case("dkim", "rcpt=250 eom=250 iprev=pass spf=pass dkim=permerror",
+                     message=signed_example("dkim", selector=f"{BURN_MARK}dkim")),
+        # Header: the field that could not be read is deleted as ours.
+        "header": Case("header", "rcpt=250 eom=250 iprev=pass spf=pass dkim=pass deleted=1",
+                       message=signed_example("header", extra=[
+                           f"Authentication-Results: {BURN_MARK}header.example; spf=pass"])),
+    }
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _stopped(port: int, check: str) -> float:
+    key = ("ipv6milter_checks_stopped_total", (("cause", "cpu"), ("check", check)))
+    return _scrape(port).get(key, 0.0)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_check_past_its_cpu_bound_holds_no_other_connection(
+        tmp_path: Path, knot: Knot, workers: int) -> None:
+    mport = free_port()
+    milter = MilterRunner(tmp_path, f"lastline{workers}", {
+        **MILTER_BASE, "Nameservers": knot.nameserver, "DNSTimeout": "2",
+        # The default: on a loaded machine a helper may get a fifth of a core,
+        # and its CPU bound should be what stops it, not the stage's time.
+        "StageTimeout": "20", "Workers": str(workers), "MetricsListen": f"127.0.0.1:{mport}",
+        "LogLevel": "info",
+    }, env={BURN_ENV: BURN_MARK})
+    milter.start()
+    cases = _burn_cases()
+    loops = [LegitLoop(f"legit{i}", milter.port, cases["legit"]) for i in range(LEGIT_LOOPS)]
+    lines = [f"{'path':<8}{'attacker s':>11}{'attacker result':>58}{'legit':>7}"
+             f"{'legit max s':>12}{'baseline max s':>15}{'stopped':>9}"]
+    problems: list[str] = []
+    try:
+        for t in loops:
+            t.start()
+        time.sleep(3.0)  # the baseline: the same transactions, no attack
+        baseline = [d for t in loops for d in t.done]
+        base_max = max(d.seconds for d in baseline)
+        for path in ("spf", "dkim", "header"):
+            before = _stopped(mport, path)
+            attack = timed_run(milter.port, cases[path])
+            time.sleep(0.3)
+            during = [d for t in loops for d in t.done
+                      if d.end > attack.start and d.start < attack.end]
+            slowest = max((d.seconds for d in during), default=float("nan"))
+            stopped = _stopped(mport, path) - before
+            lines.append(f"{path:<8}{attack.seconds:>11.2f}{attack.summary:>58}{len(during):>7}"
+                         f"{slowest:>12.3f}{base_max:>15.3f}{stopped:>9.0f}")
+            if attack.summary != cases[path].expect:
+                problems.append(f"{path}: the attacker got {attack.summary!r}, "
+                                f"not {cases[path].expect!r}")
+            if stopped != 1:
+                problems.append(f"{path}: {stopped} checks counted stopped for CPU, not 1")
+            if len(during) < LEGIT_LOOPS:
+                problems.append(f"{path}: only {len(during)} legitimate transactions ran "
+                                "beside the attack")
+            if slowest > max(BURN_REPLY_BOUND, base_max + BURN_DELAY_MARGIN):
+                problems.append(f"{path}: a legitimate transaction took {slowest:.3f} s "
+                                f"(baseline max {base_max:.3f} s)")
+            bad = [d.summary for d in during if d.summary != cases["legit"].expect]
+            if bad:
+                problems.append(f"{path}: legitimate transactions got {bad[:3]}")
+            # The helper was replaced: the same kind of check works at once.
+            after = timed_run(milter.port, cases["legit"])
+            if after.summary != cases["legit"].expect:
+                problems.append(f"{path}: the next check got {after.summary!r}")
+    finally:
+        for t in loops:
+            t.stop.set()
+        stuck = wait_alive(loops, 60)
+        code = milter.stop()
+    report(f"isolation: the last line, Workers {workers}", lines)
+    print("\n".join(lines))
+    assert not stuck, stuck
+    assert not [t.error for t in loops if t.error], [t.error for t in loops]
+    assert code == 0, milter.log_text()[-3000:]
+    assert "Traceback" not in milter.log_text(), milter.log_text()[-5000:]
+    assert not problems, "\n".join(problems)
