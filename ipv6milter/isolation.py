@@ -449,7 +449,7 @@ class Helpers:
             status = self._zygote.reap(helper.pid)
             helper.pid = 0  # reaped
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGPROF:
-                raise Stopped(CPU, f"check stopped at its CPU bound ({cpu:g} s)") from None
+                raise Stopped(CPU, f"check stopped at its CPU bound: {cpu:.3g} s") from None
             raise Stopped(CRASH, f"check helper died ({_status_text(status)})") from None
 
     def _acquire(self, limit: float) -> _Helper:
