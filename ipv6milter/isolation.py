@@ -249,7 +249,7 @@ def _serve(conn: Connection) -> None:
 def _helper_main(fd: int, zygote: int) -> None:
     code = 70
     try:
-        _die_with_parent(zygote)
+        _die_with_parent(zygote, b"ipv6milter-chk")
         # The kernel's own way to end a helper at its CPU bound: no handler
         # to run (a C call that never returns could not run one).
         signal.signal(signal.SIGPROF, signal.SIG_DFL)
@@ -265,7 +265,7 @@ def _helper_main(fd: int, zygote: int) -> None:
 def _zygote_main(ctl: socket.socket, worker: int) -> None:
     """Fork a helper for each b"S" (the pipe's end comes with it); reap one for
     each b"W" + pid and answer its wait status.  Single-threaded for good."""
-    _die_with_parent(worker)
+    _die_with_parent(worker, b"ipv6milter-zyg")
     gc.freeze()  # the helpers share this heap: no collection dirties it
     me = os.getpid()
     while True:
@@ -293,16 +293,19 @@ def _zygote_main(ctl: socket.socket, worker: int) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(parent: int, name: bytes) -> None:
     """SIGKILL when the parent goes (it forked from its only thread, which
-    lives as long as the process: PR_SET_PDEATHSIG follows the thread)."""
+    lives as long as the process: PR_SET_PDEATHSIG follows the thread), and
+    a name of its own in ps and top."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
     except (OSError, AttributeError):
-        log.debug("prctl(PR_SET_PDEATHSIG) not available")
+        log.debug("prctl() not available")
     if os.getppid() != parent:
         os._exit(0)  # the parent is already gone
 
