@@ -44,6 +44,8 @@ import gc
 import itertools
 import logging
 import os
+import pickle
+import select
 import signal
 import socket
 import threading
@@ -51,7 +53,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from . import authresults, limits
@@ -80,6 +81,12 @@ _WALL_GRACE = 2.0
 # (RSET, a new MAIL FROM): a cancelled check's helper is killed, not left to
 # burn its CPU bound for nobody.
 _POLL = 0.1
+# A check that has used this much CPU is no ordinary one (real checks cost
+# milliseconds): its helper drops to the lowest priority (nice 19), so that
+# on a busy host it takes only CPU nobody else wants while it runs to its
+# bound; it is replaced after the check (its priority cannot be raised again).
+_DEMOTE_CPU = 0.2
+_NICEST = 19
 
 # The results by cause (SPEC §1: "a temporary or permanent error, as its cause says").
 CPU = "cpu"  # over the CPU bound: the sender's data; permanent
@@ -180,6 +187,61 @@ def burn(seconds: float) -> None:
     _steps(int(seconds / _seconds_per_step()))
 
 
+# -- the pipe between a worker and a helper ---------------------------------------------------
+
+
+class _Pipe:
+    """Framed pickles over a stream socket: an 8-byte length, then the bytes.
+
+    Lighter than ``multiprocessing.connection`` where it counts (a check is a
+    few round trips): a ``poll`` object made once, not a selector per wait,
+    and plain ``pickle``.  Raw bytes (the message) go without a pickle.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def send(self, obj: Any) -> None:
+        self.send_bytes(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+
+    def send_bytes(self, data: bytes) -> None:
+        head = len(data).to_bytes(8, "little")
+        if len(data) < 65536:
+            self.sock.sendall(head + data)
+        else:  # no copy of a large message for the sake of one write
+            self.sock.sendall(head)
+            self.sock.sendall(data)
+
+    def recv(self) -> Any:
+        return pickle.loads(self.recv_bytes())
+
+    def recv_bytes(self) -> bytes:
+        return self._exact(int.from_bytes(self._exact(8), "little"))
+
+    def _exact(self, n: int) -> bytes:
+        # MSG_WAITALL: one call, one bytes object of the final size (a
+        # signal may still cut it short: then the rest is read on).
+        data = self.sock.recv(n, socket.MSG_WAITALL)
+        if len(data) == n:
+            return data
+        parts, got = [data], len(data)
+        while data and got < n:
+            data = self.sock.recv(n - got, socket.MSG_WAITALL)
+            parts.append(data)
+            got += len(data)
+        if got < n:
+            raise EOFError("the other end closed the pipe")
+        return b"".join(parts)
+
+    def poll(self, timeout: float) -> bool:
+        return bool(self._poller.poll(max(0, int(timeout * 1000))))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 # -- the helper side --------------------------------------------------------------------------
 
 
@@ -190,7 +252,7 @@ class _ProxyResolver:
     on top of it, so the checks see the resolver they see in-process.
     """
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: _Pipe):
         self._conn = conn
         self.timeout = 5.0
 
@@ -213,7 +275,7 @@ class _HelperBudget(Budget):
     monotonic clock is the system's, shared by processes), and each note
     sent to the worker's trace at once, in order with the lookups."""
 
-    def __init__(self, deadline: float, conn: Connection, tracing: bool):
+    def __init__(self, deadline: float, conn: _Pipe, tracing: bool):
         super().__init__(max(0.0, deadline - time.monotonic()), [] if tracing else None)
         self.deadline = deadline
         self._conn = conn
@@ -223,7 +285,7 @@ class _HelperBudget(Budget):
             self._conn.send(("n", line))
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: _Pipe) -> None:
     """A helper's loop: one check at a time, until the worker closes the pipe."""
     proxy = _ProxyResolver(conn)
     while True:
@@ -243,7 +305,8 @@ def _serve(conn: Connection) -> None:
             reply = ("e", traceback.format_exc())
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
-        conn.send((*reply, time.process_time() - start))
+        end = time.process_time()
+        conn.send((*reply, end - start, end))
 
 
 def _helper_main(fd: int, zygote: int) -> None:
@@ -254,7 +317,7 @@ def _helper_main(fd: int, zygote: int) -> None:
         # to run (a C call that never returns could not run one).
         signal.signal(signal.SIGPROF, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGPROF})
-        _serve(Connection(fd))
+        _serve(_Pipe(socket.socket(fileno=fd)))
         code = 0
     except BaseException:
         log.exception("check helper failed")
@@ -346,7 +409,7 @@ class _Zygote:
             raise Unavailable("check helper zygote is gone")
         return int.from_bytes(data, "little", signed=True)
 
-    def spawn(self) -> tuple[int, Connection]:
+    def spawn(self) -> tuple[int, _Pipe]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid = self._ask(b"S", [theirs.fileno()])
@@ -355,7 +418,7 @@ class _Zygote:
             raise
         finally:
             theirs.close()
-        return pid, Connection(ours.detach())
+        return pid, _Pipe(ours)
 
     def reap(self, pid: int) -> int:
         """The helper's wait status (-1: unknown); it must have ended or be ending."""
@@ -373,8 +436,10 @@ class _Zygote:
 @dataclass
 class _Helper:
     pid: int
-    conn: Connection
+    conn: _Pipe
     checks: int = 0
+    cpu_base: float = 0.0  # the helper's CPU seconds when its last check ended
+    demoted: bool = False
 
 
 class Helpers:
@@ -434,6 +499,7 @@ class Helpers:
                     self._kill(helper)
                     raise Stopped(TIMEOUT, "check did not finish in time")
                 if not conn.poll(min(wait, _POLL)):
+                    self._demote_if_long(helper)
                     continue
                 msg = conn.recv()
                 tag = msg[0]
@@ -445,8 +511,10 @@ class Helpers:
                 elif tag == "n":
                     budget.note(msg[1])
                 elif tag == "r":
+                    helper.cpu_base = msg[3]
                     return msg[1], msg[2]
                 else:
+                    helper.cpu_base = msg[3]
                     raise HelperError(f"{kind} check failed in its helper:\n{msg[1]}")
         except (EOFError, OSError):
             status = self._zygote.reap(helper.pid)
@@ -471,8 +539,17 @@ class Helpers:
                 self._cond.notify()
             raise
 
+    def _demote_if_long(self, helper: _Helper) -> None:
+        if helper.demoted or not helper.pid:
+            return
+        used = _cpu_seconds(helper.pid) - helper.cpu_base
+        if used >= _DEMOTE_CPU:
+            helper.demoted = True
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, helper.pid, _NICEST)
+
     def _release(self, helper: _Helper, healthy: bool) -> None:
-        if healthy and helper.checks < CHECKS_PER_HELPER:
+        if healthy and helper.checks < CHECKS_PER_HELPER and not helper.demoted:
             with self._cond:
                 if not self._closed and len(self._idle) < self.keep_idle:
                     self._idle.append(helper)
@@ -519,6 +596,19 @@ class Helpers:
         for helper in idle:
             self._end(helper)
         self._zygote.close()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _status_text(status: int) -> str:
