@@ -21,10 +21,11 @@ SMTP_LOCAL_PART = 64
 SMTP_DOMAIN = 255
 # §4.5.3.1.3: a reverse-path or forward-path, brackets included.  A MAIL
 # FROM past it gets SPF "none" without a lookup (RFC 7208 §4.3: no usable
-# domain); a RCPT TO past it is read as its first SMTP_LOCAL_PART octets of
-# local part and its last SMTP_DOMAIN octets of domain (the labels nearest
-# the root, which the opt-in match reads): an exact AcceptDomains entry
-# never matches such a domain (550 5.2.1), a parent entry may.
+# domain); a RCPT TO past it is read as its first SMTP_LOCAL_PART characters
+# of local part and its last SMTP_DOMAIN characters of domain (the labels
+# nearest the root, which the opt-in match reads): longer than any domain,
+# so an exact AcceptDomains entry never matches it (550 5.2.1), while a
+# parent entry (.example.com) may.
 SMTP_PATH = 256
 
 # -- header fields the milter parses (DKIM-Signature, Authentication-Results, From) ------

@@ -91,9 +91,9 @@ def bounded_recipient(rcpt: str) -> str:
     """RCPT TO's argument as the parsers read it.
 
     Past the path bound: the first ``SMTP_LOCAL_PART`` characters of the local
-    part and the last labels of the domain within ``SMTP_DOMAIN`` (cut at a
-    label boundary: the labels nearest the root are what the opt-in match
-    reads).  Neither can be longer in an address that can be delivered.
+    part and the last ``SMTP_DOMAIN`` of the domain (the labels nearest the
+    root are what the opt-in match reads).  Neither can be longer in an
+    address that can be delivered.
     """
     if len(rcpt) <= limits.SMTP_PATH:
         return rcpt
@@ -102,11 +102,9 @@ def bounded_recipient(rcpt: str) -> str:
     local, at, domain = body.rpartition("@")
     if not at:
         return body[: limits.SMTP_LOCAL_PART + 1] + close  # "+ 1": the "<"
-    if len(domain) > limits.SMTP_DOMAIN:
-        domain = domain[-limits.SMTP_DOMAIN :]
-        cut = domain.find(".")
-        domain = domain[cut + 1 :] if 0 <= cut < len(domain) - 1 else domain
-    return local[: limits.SMTP_LOCAL_PART + 1] + "@" + domain + close
+    # The last 255 characters: longer than any AcceptDomains entry (253), so
+    # an exact entry never matches, while a parent entry still can.
+    return local[: limits.SMTP_LOCAL_PART + 1] + "@" + domain[-limits.SMTP_DOMAIN :] + close
 
 
 @Milter.header_leading_space

@@ -3,6 +3,7 @@ bound the kernel enforces, DNS kept in the worker, helpers replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -284,3 +285,34 @@ def test_without_isolation_the_engine_forks_nothing() -> None:
     e = Engine(cfg, FakeResolver())
     assert not e.isolated
     e.shutdown()
+
+
+def test_a_long_check_drops_to_the_lowest_priority_and_is_replaced(burn_marker: str) -> None:
+    """On a busy host a runaway check takes only CPU nobody else wants."""
+    h = isolation.Helpers(cpu_seconds=1.5, most=3, idle=1)
+    try:
+        pid = h._idle[0].pid
+        seen: list[int] = []
+
+        def watch() -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not seen:
+                with contextlib.suppress(OSError):
+                    if os.getpriority(os.PRIO_PROCESS, pid) == 19:
+                        seen.append(19)
+                time.sleep(0.02)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        with pytest.raises(isolation.Stopped):
+            h.call("header", (f"{burn_marker}header".encode(),), zone(), Budget(0))
+        t.join()
+        assert seen == [19]
+        # An ordinary check keeps its helper, at its priority.
+        h.call("header", (b"a.example; none",), zone(), Budget(0))
+        again = h._idle[0].pid
+        h.call("header", (b"a.example; none",), zone(), Budget(0))
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert h._idle[0].pid == again and os.getpriority(os.PRIO_PROCESS, again) == ours
+    finally:
+        h.close()
