@@ -173,12 +173,13 @@ def _fold(text: str, width: int = 900) -> str:
 
 def body_spaces_message(mark: str, spaces: int = 200_000) -> bytes:
     """A relaxed-body signature over a small body, then a body line of
-    ``spaces`` spaces ending in a letter: canonicalized before the hash is
-    compared (the signature then fails)."""
+    ``spaces`` spaces ending in a letter, and one line with a trailing space
+    (so that trailing white space must be stripped over the whole body):
+    canonicalized before the hash is compared (the signature then fails)."""
     msg = make_message(mark, from_addr=SPF_FAIL_SENDER, to="rcpt@example.com")
     signed = _signed(msg, "good", [b"from", b"to", b"subject"])
     head = signed.split(b"\r\n\r\n", 1)[0]
-    return head + b"\r\n\r\nx\r\n" + b" " * spaces + b"y\r\n"
+    return head + b"\r\n\r\nx\r\n" + b" " * spaces + b"y\r\nend \r\n"
 
 
 def dkim_ws_message(mark: str, signatures: int = 5, run: int = 20_000) -> bytes:
