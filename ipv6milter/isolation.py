@@ -568,7 +568,7 @@ class Helpers:
         with self._cond:
             self._live -= 1
             self._cond.notify()
-            replace = not healthy and not self._closed and (
+            replace = (not healthy or helper.demoted) and not self._closed and (
                 len(self._idle) < self.keep_idle and self._live < self.most)
             if replace:
                 self._live += 1
