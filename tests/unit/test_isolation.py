@@ -103,6 +103,34 @@ def test_checks_in_a_helper_give_the_in_process_results(helpers: isolation.Helpe
     assert ident == "mx.example.org"
 
 
+@pytest.mark.parametrize("record", [
+    "v=spf1 mx -all", "v=spf1 a:mail.example.com -all", "v=spf1 ptr -all",
+    "v=spf1 ptr:example.com -all", "v=spf1 exists:%{i}.x.example.com -all",
+    "v=spf1 include:inc.example.com -all", "v=spf1 mx:spf.example//64 ?all",
+])
+def test_every_record_type_an_spf_check_reads_crosses_the_pipe_unchanged(
+        helpers: isolation.Helpers, record: str) -> None:
+    """TXT, A/AAAA, MX and PTR answers go across as plain tuples: the checks
+    must read them exactly as they read dnspython's objects."""
+    zone_ = {
+        ("spf.example", "TXT"): record,
+        ("spf.example", "MX"): ["10 mail.example.com.", "20 mx.example.com."],
+        ("mx.example.com", "AAAA"): "2001:db8::1",
+        ("mail.example.com", "A"): "192.0.2.1",
+        ("inc.example.com", "TXT"): f"v=spf1 ip6:{GOOD} -all",
+        ("5.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa", "PTR"):
+            ["mail.example.com.", "other.test."],
+        (f"{'.'.join(ADDR.exploded.replace(':', ''))}.x.example.com", "A"):
+            "127.0.0.2",
+    }
+    zone_[("mail.example.com", "AAAA")] = GOOD
+    there, _ = helpers.call("spf", (ADDR, "a@spf.example", "mail.example.com"),
+                            FakeResolver(zone_), Budget(5))
+    here = isolation.spf(FakeResolver(zone_), Budget(5), ADDR, "a@spf.example",
+                         "mail.example.com")
+    assert there == here
+
+
 def test_dns_is_asked_by_the_worker(helpers: isolation.Helpers) -> None:
     """The helper's lookups reach the worker's resolver (its cache, its
     budget, its metrics): here, the FakeResolver of this very process."""
