@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import authres
 from authres.core import AuthenticationResultProperty
 
-from .model import DkimResult, IPAddress, IprevResult, SpfResult
+from .model import Aligned, Alignment, DkimResult, IPAddress, IprevResult, SpfResult
 
 FIELD = "Authentication-Results"
 
@@ -70,11 +70,26 @@ def _reason(r: DkimResult) -> str | None:
     return phrase if _REASON.fullmatch(phrase) else None
 
 
+def alignment_comment(alignment: Alignment | None, state: Aligned) -> str | None:
+    """The comment on a passing ``spf`` or ``dkim`` result in From-aligned
+    mode (SPEC §2), naming the From domain; None with ``Alignment off``.
+    No ``dmarc=`` result is written: no DMARC policy was evaluated."""
+    if alignment is None:
+        return None
+    domain = _token(alignment.from_domain) if alignment.from_domain else None
+    if domain is None:
+        return "not aligned: no single From domain"
+    if state is Aligned.UNKNOWN:
+        return "alignment unknown: temporary DNS failure"
+    return f"{state.value} with {domain}"
+
+
 def results_for(
     addr: IPAddress | None,
     iprev: IprevResult | None,
     spf: SpfResult | None,
     dkim: Sequence[DkimResult],
+    alignment: Alignment | None = None,
 ) -> list[authres.core.BaseAuthenticationResult]:
     out: list[authres.core.BaseAuthenticationResult] = []
     if iprev is not None and addr is not None:
@@ -86,24 +101,31 @@ def results_for(
             )
         )
     if spf is not None:
+        spf_comment = (alignment_comment(alignment, alignment.spf)
+                       if alignment is not None and spf.result == "pass" else None)
         if spf.scope == "helo":
             out.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_helo=_helo_value(spf.identity)
+                    result=spf.result, result_comment=spf_comment,
+                    smtp_helo=_helo_value(spf.identity)
                 )
             )
         else:
             out.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_mailfrom=_mailfrom_value(spf.identity)
+                    result=spf.result, result_comment=spf_comment,
+                    smtp_mailfrom=_mailfrom_value(spf.identity)
                 )
             )
     if not dkim:
         out.append(authres.DKIMAuthenticationResult(result="none"))
-    for r in dkim:
+    for i, r in enumerate(dkim):
+        comment = _reason(r)
+        if alignment is not None and r.result == "pass":
+            comment = alignment_comment(alignment, alignment.of_dkim(i))
         res = authres.DKIMAuthenticationResult(
             result=r.result,
-            result_comment=_reason(r),
+            result_comment=comment,
             header_d=_token(r.domain),
             header_s=_token(r.selector),
         )
@@ -130,8 +152,9 @@ def build(
     iprev: IprevResult | None,
     spf: SpfResult | None,
     dkim: Sequence[DkimResult],
+    alignment: Alignment | None = None,
 ) -> str:
-    return header_value(authserv_id, results_for(addr, iprev, spf, dkim))
+    return header_value(authserv_id, results_for(addr, iprev, spf, dkim, alignment))
 
 
 def unfold(value: str) -> str:

@@ -166,10 +166,21 @@ def describe(value: bytes, result: str, detail: str) -> DkimResult:
     def clean(v: bytes) -> str:
         return v.decode("ascii").lower() if _TOKEN.match(v) else ""
 
+    def domain(v: bytes) -> str:
+        # RFC 8616 §4: a U-label d= is the domain of its A-label (From-aligned
+        # mode compares A-labels; header.d then shows the A-label).
+        if _TOKEN.match(v) or len(v) > 253:
+            return clean(v)
+        try:
+            d = a_labels(v.decode("utf-8")).encode("ascii")
+        except UnicodeError:
+            return ""
+        return clean(d)
+
     b = tags.get(b"b", b"")[:8]
     b_text = b.decode("ascii") if _BASE64.fullmatch(b) else ""
     return DkimResult(
-        result, clean(tags.get(b"d", b"")), clean(tags.get(b"s", b"")), b_text, detail
+        result, domain(tags.get(b"d", b"")), clean(tags.get(b"s", b"")), b_text, detail
     )
 
 

@@ -42,7 +42,7 @@ from .config import Config
 from .dkimcheck import unverified
 from .iprev import check_iprev
 from .metrics import Metrics
-from .model import DkimResult, IPAddress, Iprev, IprevResult, SpfResult
+from .model import Aligned, Alignment, DkimResult, IPAddress, Iprev, IprevResult, SpfResult
 from .resolver import Budget, Resolver
 from .spfcheck import envelope_address
 
@@ -200,7 +200,8 @@ class Engine:
     """The checks, with their pool.
 
     ``isolate``: the checks that parse a sender's data (SPF, DKIM, the
-    authserv-id of Authentication-Results fields) run in helper processes
+    authserv-id of Authentication-Results fields, the From field of
+    From-aligned mode) run in helper processes
     under a CPU bound (isolation.py).  The daemon's workers turn it on, and
     must construct the engine before any thread exists (the helpers' zygote
     is forked here); unit tests, the start's preflight and ipv6milter-check
@@ -291,6 +292,24 @@ class Engine:
                                   if n.strip().lower() == _SIGNATURE]
                 return unverified(signatures, e.detail, max_sigs, e.result)
 
+    def alignment(self, mode: str, from_values: list[bytes], spf: SpfResult | None,
+                  dkim: tuple[DkimResult, ...], budget: Budget) -> Alignment:
+        """From-aligned mode's facts (alignment.evaluate); a stopped check
+        has no From domain (the sender's data: nothing is aligned) or, for
+        any other cause, leaves every identifier that could decide unknown."""
+        try:
+            return self._check("from", budget, (mode, from_values, spf, dkim))[0]  # type: ignore[return-value]
+        except isolation.Stopped as e:
+            if e.result == "permerror":
+                return Alignment(mode, None, e.detail, Aligned.NO,
+                                 tuple(Aligned.NO for _ in dkim))
+
+            def open_(result: str) -> Aligned:
+                return Aligned.UNKNOWN if result in ("pass", "temperror") else Aligned.NO
+
+            return Alignment(mode, None, e.detail, open_(spf.result if spf else "temperror"),
+                             tuple(open_(r.result) for r in dkim))
+
     def authserv_ids(self) -> Callable[[bytes], str | None]:
         """For one message: the authserv-id of an Authentication-Results field
         value, or None when it could not be read within the CPU bound that
@@ -348,12 +367,14 @@ class Engine:
 
     def end_of_message(
         self, session: Session, iprev: Check[IprevResult] | None, spf: Check[SpfResult] | None,
-        msg: Message, trace: list[str] | None = None,
+        msg: Message, trace: list[str] | None = None, budget: Budget | None = None,
     ) -> tuple[IprevResult, SpfResult, tuple[DkimResult, ...]]:
         """The end-of-message stage under one deadline (SPEC §1): DKIM is
         verified here while SPF may still run in the pool, then the waits for
-        SPF and the PTR check share what is left of one StageTimeout."""
-        budget = Budget(self._cfg.stage_timeout, trace)
+        SPF and the PTR check share what is left of one StageTimeout.
+        ``budget``: that deadline, when the caller spends the rest of it
+        (From-aligned mode's _dmarc lookups)."""
+        budget = budget or Budget(self._cfg.stage_timeout, trace)
         dkim = self.dkim_of(msg, budget)
         spf_result = session.wait(spf, SPF_UNFINISHED, budget.deadline)
         iprev_result = session.wait(iprev, IPREV_UNFINISHED, budget.deadline)
@@ -406,6 +427,10 @@ class Message:
         self.chunks: list[bytes] = []
         self._sigs: list[bytes] = []  # the topmost signatures, kept past the limits
         self.signed = False  # a DKIM-Signature field was seen
+        # From fields for From-aligned mode, kept past the limits like the
+        # signatures: two at most (a second one already means "no From
+        # domain"), each cut just past the length the parser reads.
+        self.from_values: list[bytes] = []
         self.ar_count = 0  # Authentication-Results fields seen
         self._ours = array("I")  # 1-based indexes of those claiming our authserv-id
         self.fields = 0
@@ -424,6 +449,8 @@ class Message:
             self.signed = True
             if len(self._sigs) < self.max_signatures:
                 self._sigs.append(value)
+        if lname.rstrip(" \t") == "from" and len(self.from_values) < limits.FROM_FIELDS_KEPT:
+            self.from_values.append(value[: limits.FROM_FIELD_MAX + 1])
         self.fields += 1
         n = len(name) + len(self._sep) + len(value) + 2
         if b"\n" in value:  # folded: counted with CRLF line ends, as rebuilt

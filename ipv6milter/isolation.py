@@ -7,7 +7,8 @@ yet would stop every thread of the worker (libmilter's connections, the DNS
 pool).  The bounds of ``limits.py`` and linear parsers keep the known inputs
 cheap; this module makes the unknown ones harmless.  The checks that parse a
 sender's data (SPF evaluation, DKIM verification, reading the authserv-id of
-an Authentication-Results field) run in *helper processes*:
+an Authentication-Results field, From-aligned mode's reading of the From
+field and its _dmarc walk) run in *helper processes*:
 
 * a helper runs one check at a time, under a CPU bound set with
   ``setitimer(ITIMER_PROF)`` before the check and cleared after it.  SIGPROF
@@ -55,9 +56,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import authresults, limits
+from . import alignment, authresults, limits
 from .dkimcheck import check_dkim
-from .model import DkimResult, IPAddress, SpfResult
+from .model import Alignment, DkimResult, IPAddress, SpfResult
 from .resolver import Budget, Resolver, TempFail
 from .spfcheck import check_spf
 
@@ -139,14 +140,21 @@ def authserv_id(resolver: Resolver | None, budget: Budget | None, value: bytes) 
     return authresults.authserv_id_of(text)
 
 
-CHECKS: dict[str, Callable[..., Any]] = {"spf": spf, "dkim": dkim, "header": authserv_id}
+def aligned(resolver: Resolver, budget: Budget, mode: str, from_values: list[bytes],
+            spf_result: SpfResult | None, dkim_results: tuple[DkimResult, ...]) -> Alignment:
+    _planted("from", *from_values)
+    return alignment.evaluate(resolver, mode, from_values, spf_result, dkim_results, budget)
+
+
+CHECKS: dict[str, Callable[..., Any]] = {
+    "spf": spf, "dkim": dkim, "header": authserv_id, "from": aligned}
 
 
 # -- the test hook: a planted super-linear step -----------------------------------------------
 
 # For the tests only (tests/reliability/test_isolation.py): with this set to
 # a marker M, a check whose sender input contains M followed by the path's
-# name ("spf", "dkim", "header") burns BURN_SECONDS of CPU in one call that
+# name ("spf", "dkim", "header", "from") burns BURN_SECONDS of CPU in one call that
 # holds the GIL, as an unknown quadratic regex would.  Unset, nothing happens.
 BURN_ENV = "IPV6MILTER_TEST_BURN"
 BURN_SECONDS = 30.0

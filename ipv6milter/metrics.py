@@ -94,7 +94,7 @@ class Metrics:
             ["check"], buckets=_BUCKETS, registry=r))
         self.stopped: Any = Children(Counter(
             "ipv6milter_checks_stopped",
-            "Checks stopped in their helper process, by check (spf, dkim, header) and cause "
+            "Checks stopped in their helper process, by check (spf, dkim, header, from) and cause "
             "(cpu: over the CPU bound; crash; timeout; cancelled; busy: no helper free)",
             ["check", "cause"], registry=r))
         self.dns_cache: Any = Children(Counter(
@@ -118,7 +118,7 @@ class Metrics:
             self.dns_cache.labels(label)
         for label in ("ok", "failed"):
             self.reloads.labels(label)
-        for check in ("spf", "dkim", "header"):
+        for check in ("spf", "dkim", "header", "from"):
             self.stopped.labels(check, "cpu")
         self.mode = "enforce"  # the configured Mode, set by loaded()
 

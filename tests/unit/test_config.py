@@ -78,6 +78,7 @@ def test_every_key_of_the_spec_is_known():
         "DNSTimeout",
         "StageTimeout",
         "MaxSignatures",
+        "Alignment",
         "MaxMessageSize",
         "UserID",
         "UMask",
@@ -108,6 +109,7 @@ Nameservers 192.0.2.53, [2001:db8::53]:5353
 DNSTimeout 2.5
 StageTimeout 15
 MaxSignatures 3
+Alignment relaxed
 MaxMessageSize 1048576
 UserID ipv6milter:mail
 UMask 027
@@ -770,6 +772,7 @@ def test_describe_defaults():
         "DNSTimeout 5",
         "StageTimeout 20",
         "MaxSignatures 5",
+        "Alignment off  # any SPF or DKIM pass is enough (EOP's rule)",
         "MaxMessageSize 67108864",
         "UserID -",
         "UMask 007",
@@ -779,6 +782,25 @@ def test_describe_defaults():
         "MetricsListen -",
         "Workers auto",
     ]
+
+
+@pytest.mark.parametrize("mode", ["off", "relaxed", "strict"])
+def test_alignment_modes(mode: str):
+    cfg = parse(f"Alignment {mode.upper()}\n")
+    assert cfg.alignment == mode
+    (line,) = [x for x in config.describe(cfg) if x.startswith("Alignment")]
+    assert line.startswith(f"Alignment {mode}  # ")
+    assert parse(line + "\n").alignment == mode  # -n's line parses back
+    assert "organizational domain" in config.describe(parse("Alignment relaxed\n"))[
+        [k.name for k in config.KEYS].index("Alignment")]
+
+
+def test_alignment_default_is_off_and_bad_values_name_the_line():
+    assert Config().alignment == "off"
+    with pytest.raises(ConfigError) as info:
+        parse("Mode enforce\nAlignment dmarc\n")
+    assert info.value.errors == [
+        "test.conf:2: Alignment: expected one of off, relaxed, strict, got 'dmarc'"]
 
 
 def test_describe_full_config():

@@ -344,3 +344,18 @@ def test_a_long_check_drops_to_the_lowest_priority_and_is_replaced(burn_marker: 
         assert h._idle[0].pid == again and os.getpriority(os.PRIO_PROCESS, again) == ours
     finally:
         h.close()
+
+
+def test_from_aligned_mode_reads_the_from_field_in_a_helper(isolated: Engine) -> None:
+    from ipv6milter.model import Aligned, DkimResult, SpfResult
+
+    spf = SpfResult("pass", "a@example.com", "mailfrom")
+    dkim = (DkimResult("pass", "example.com", "sel1"),)
+    facts = isolated.alignment("strict", [b" a@example.com"], spf, dkim, Budget(5))
+    assert (facts.from_domain, facts.spf, facts.dkim) == (
+        "example.com", Aligned.YES, (Aligned.YES,))
+    stopped = isolated.alignment("strict", [f" a@{MARK}from.example.com".encode()], spf, dkim,
+                                 Budget(5))
+    assert (stopped.from_domain, stopped.spf, stopped.dkim) == (None, Aligned.NO, (Aligned.NO,))
+    assert "CPU bound" in stopped.from_problem
+    assert _stopped(isolated, "from") == 1
