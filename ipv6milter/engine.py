@@ -321,6 +321,9 @@ class Engine:
             nonlocal left
             if self._helpers is None:
                 return isolation.authserv_id(None, None, value)
+            plain = isolation.plain_authserv_id(value)
+            if plain is not None:
+                return plain
             if left < _LEAST_CPU:
                 return None
             try:

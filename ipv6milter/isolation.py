@@ -46,6 +46,7 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import select
 import signal
 import socket
@@ -138,6 +139,25 @@ def authserv_id(resolver: Resolver | None, budget: Budget | None, value: bytes) 
     text = value.decode("utf-8", "replace")
     _planted("header", text)
     return authresults.authserv_id_of(text)
+
+
+# The first character that ends a plain authserv-id, or makes it not plain.
+_FIRST_STOP = re.compile(r'[\s;("\\]')
+
+
+def plain_authserv_id(value: bytes) -> str | None:
+    """The authserv-id of a field that begins with it plainly (no comment,
+    quote or escape before its end), as ``authresults.authserv_id_of`` reads
+    it; None for any other field.  One pass of a character class over the
+    value: safe in the worker, and most fields (``mx.example.org; ...``, with
+    comments after the id or none) need no helper at all."""
+    text = value.decode("utf-8", "replace").lstrip()
+    m = _FIRST_STOP.search(text)
+    if m is None:
+        return text.lower()
+    if m.group() in '("\\':
+        return None
+    return text[: m.start()].lower()
 
 
 def aligned(resolver: Resolver, budget: Budget, mode: str, from_values: list[bytes],

@@ -357,7 +357,7 @@ def _burn_cases() -> dict[str, Case]:
         # Header: the field that could not be read is deleted as ours.
         "header": Case("header", "rcpt=250 eom=250 iprev=pass spf=pass dkim=pass deleted=1",
                        message=signed_example("header", extra=[
-                           f"Authentication-Results: {BURN_MARK}header.example; spf=pass"])),
+                           f"Authentication-Results: (c) {BURN_MARK}header.example; spf=pass"])),
     }
 
 

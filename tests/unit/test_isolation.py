@@ -177,7 +177,7 @@ def test_a_check_past_its_cpu_bound_is_stopped_and_its_helper_replaced(
             "spf": (("spf", (ADDR, f"{burn_marker}spf@example.com", "x"), zone(), Budget(5)),
                     {}),
             "dkim": (("dkim", (5,), zone(), Budget(5)), {"payload": signed(f"{burn_marker}dkim")}),
-            "header": (("header", (f"{burn_marker}header.example; none".encode(),), zone(),
+            "header": (("header", (f"(c) {burn_marker}header.example; none".encode(),), zone(),
                         Budget(0)), {}),
         }
         args, kw = calls[path]
@@ -280,18 +280,20 @@ def test_one_cpu_bound_for_all_authentication_results_fields_of_a_message(
     monkeypatch.setattr("ipv6milter.limits.HEADER_CPU_SECONDS", CPU)
     msg = Message(10**6, 5, "mx.example.org", read_id=isolated.authserv_ids())
     msg.header("Authentication-Results", b" other.example; spf=pass")
-    msg.header("Authentication-Results", f" {MARK}header.example; none".encode())
+    msg.header("Authentication-Results", f" (c) {MARK}header.example; none".encode())
     assert _stopped(isolated, "header") == 1
     start = time.monotonic()
-    msg.header("Authentication-Results", b" other.example; spf=pass")  # not read: bound spent
+    msg.header("Authentication-Results", b" (c) other.example; spf=pass")  # bound spent
     assert time.monotonic() - start < 0.05
+    # A field that begins plainly is still read, in the worker, in one pass.
+    msg.header("Authentication-Results", b" other.example; spf=pass (x)")
     msg.header("Authentication-Results", b" mx.example.org; spf=pass")
-    # The unreadable field, and every one after it, is deleted as ours.
-    assert msg.forged_indexes() == [4, 3, 2]
+    # The unreadable fields are deleted as ours, and so is ours.
+    assert msg.forged_indexes() == [5, 3, 2]
     # The next message has a bound of its own.
     fresh = Message(10**6, 5, "mx.example.org", read_id=isolated.authserv_ids())
-    fresh.header("Authentication-Results", b" other.example; spf=pass")
-    fresh.header("Authentication-Results", b" MX.example.org; spf=pass")
+    fresh.header("Authentication-Results", b" (c) other.example; spf=pass")
+    fresh.header("Authentication-Results", b" (c) MX.example.org; spf=pass")
     assert fresh.forged_indexes() == [2]
 
 
@@ -359,3 +361,27 @@ def test_from_aligned_mode_reads_the_from_field_in_a_helper(isolated: Engine) ->
     assert (stopped.from_domain, stopped.spf, stopped.dkim) == (None, Aligned.NO, (Aligned.NO,))
     assert "CPU bound" in stopped.from_problem
     assert _stopped(isolated, "from") == 1
+
+
+_TRICKY = ' \t\r\n;()"\\ax.Z\xa0\u2028@=é'
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_plain_authserv_id_is_read_as_authres_reads_it(seed: int) -> None:
+    """The worker reads a field that begins plainly itself: it must agree
+    with authresults.authserv_id_of wherever it answers."""
+    import random
+
+    rng = random.Random(seed)
+    answered = 0
+    for _ in range(4000):
+        text = "".join(rng.choice(_TRICKY) for _ in range(rng.randrange(0, 24)))
+        value = text.encode("utf-8")
+        plain = isolation.plain_authserv_id(value)
+        if plain is not None:
+            answered += 1
+            assert plain == authresults.authserv_id_of(text), repr(text)
+    assert answered > 500
+    assert isolation.plain_authserv_id(b" mx.example.org; spf=pass (c)") == "mx.example.org"
+    assert isolation.plain_authserv_id(b" (c) mx.example.org; spf=pass") is None
+    assert isolation.plain_authserv_id(b' "mx.example.org"; spf=pass') is None
