@@ -419,6 +419,8 @@ KEYS: tuple[Key, ...] = (
     Key("MaxSignatures", "max_signatures", _number(int, 1, 100), "DKIM signatures tried"),
     Key("Alignment", "alignment", _choice("off", "relaxed", "strict"),
         "SPF's or DKIM's passing domain aligned with the From domain"),
+    Key("SPFVoidLookupLimit", "spf_void_lookup_limit", _number(int, 2, 20),
+        "void DNS lookups allowed in one SPF evaluation (RFC 7208 4.6.4)"),
     Key("MaxMessageSize", "max_message_size", _number(int, 1024, 2**40), "bytes kept for DKIM"),
     Key("UserID", "user_id", parse_userid, "user[:group] after binding"),
     Key("UMask", "umask", parse_umask, "umask for a unix socket"),
@@ -452,6 +454,7 @@ class Config:
     stage_timeout: float = 20.0
     max_signatures: int = 5
     alignment: str = "off"  # From-aligned mode (SPEC §1): off, relaxed, strict
+    spf_void_lookup_limit: int = 2  # RFC 7208 §4.6.4's recommended two
     max_message_size: int = 67108864
     user_id: str | None = None
     umask: int = 0o007

@@ -269,7 +269,8 @@ class Engine:
         with self.metrics.timed("spf"):
             budget = budget or self.budget(trace)
             try:
-                return self._check("spf", budget, (addr, mail_from, helo))[0]
+                return self._check("spf", budget, (addr, mail_from, helo,
+                                                   self._cfg.spf_void_lookup_limit))[0]
             except isolation.Stopped as e:
                 sender = envelope_address(mail_from)
                 return SpfResult(e.result, sender or helo, "mailfrom" if sender else "helo",

@@ -61,7 +61,7 @@ from . import alignment, authresults, limits
 from .dkimcheck import check_dkim
 from .model import Alignment, DkimResult, IPAddress, SpfResult
 from .resolver import Budget, Resolver, TempFail
-from .spfcheck import check_spf
+from .spfcheck import VOID_LOOKUP_LIMIT, check_spf
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,9 @@ class HelperError(Exception):
 
 
 def spf(resolver: Resolver, budget: Budget, addr: IPAddress, mail_from: str,
-        helo: str) -> SpfResult:
+        helo: str, void_limit: int = VOID_LOOKUP_LIMIT) -> SpfResult:
     _planted("spf", mail_from, helo)
-    return check_spf(resolver, addr, mail_from, helo, budget)
+    return check_spf(resolver, addr, mail_from, helo, budget, void_limit=void_limit)
 
 
 def dkim(resolver: Resolver, budget: Budget, message: bytes,
@@ -350,7 +350,9 @@ class _ProxyResolver:
 
     def query(self, name: Any, rdtype: str, budget: Budget) -> list[Any]:
         self._conn.send(("q", name, rdtype))
-        tag, value = self._conn.recv()
+        tag, value, dns_bytes = self._conn.recv()
+        # What the worker's budget counted (DNS_STAGE_BYTES), seen here too.
+        budget.dns_bytes = dns_bytes
         if tag == "t":
             raise TempFail(value)
         return _restored(value)
@@ -364,12 +366,14 @@ class _ProxyResolver:
 
 class _HelperBudget(Budget):
     """The worker's budget, seen from a helper: the same deadline (the
-    monotonic clock is the system's, shared by processes), and each note
-    sent to the worker's trace at once, in order with the lookups."""
+    monotonic clock is the system's, shared by processes), the DNS bytes it
+    has counted (updated with each answer), and each note sent to the
+    worker's trace at once, in order with the lookups."""
 
-    def __init__(self, deadline: float, conn: _Pipe, tracing: bool):
+    def __init__(self, deadline: float, dns_bytes: int, conn: _Pipe, tracing: bool):
         super().__init__(max(0.0, deadline - time.monotonic()), [] if tracing else None)
         self.deadline = deadline
+        self.dns_bytes = dns_bytes
         self._conn = conn
 
     def note(self, line: str) -> None:
@@ -382,13 +386,13 @@ def _serve(conn: _Pipe) -> None:
     proxy = _ProxyResolver(conn)
     while True:
         try:
-            kind, args, deadline, timeout, cpu, payload, tracing = conn.recv()
+            kind, args, deadline, dns_bytes, timeout, cpu, payload, tracing = conn.recv()
             if payload:
                 args = (conn.recv_bytes(), *args)
         except (EOFError, OSError):
             return
         proxy.timeout = timeout
-        budget = _HelperBudget(deadline, conn, tracing)
+        budget = _HelperBudget(deadline, dns_bytes, conn, tracing)
         start = time.process_time()
         signal.setitimer(signal.ITIMER_PROF, cpu)
         try:
@@ -582,7 +586,7 @@ class Helpers:
         conn = helper.conn
         helper.checks += 1
         try:
-            conn.send((kind, args, budget.deadline, resolver.timeout, cpu,
+            conn.send((kind, args, budget.deadline, budget.dns_bytes, resolver.timeout, cpu,
                        payload is not None, budget.trace is not None))
             if payload is not None:
                 conn.send_bytes(payload)
@@ -606,9 +610,10 @@ class Helpers:
                 tag = msg[0]
                 if tag == "q":
                     try:
-                        conn.send(("a", _portable(resolver.query(msg[1], msg[2], budget))))
+                        items = _portable(resolver.query(msg[1], msg[2], budget))
+                        conn.send(("a", items, budget.dns_bytes))
                     except TempFail as e:
-                        conn.send(("t", str(e)))
+                        conn.send(("t", str(e), budget.dns_bytes))
                 elif tag == "n":
                     budget.note(msg[1])
                 elif tag == "r":

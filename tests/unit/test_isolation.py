@@ -385,3 +385,32 @@ def test_a_plain_authserv_id_is_read_as_authres_reads_it(seed: int) -> None:
     assert isolation.plain_authserv_id(b" mx.example.org; spf=pass (c)") == "mx.example.org"
     assert isolation.plain_authserv_id(b" (c) mx.example.org; spf=pass") is None
     assert isolation.plain_authserv_id(b' "mx.example.org"; spf=pass') is None
+
+
+class _BulkyResolver(FakeResolver):
+    """Counts 100 KiB of DNS messages per answer into the stage's budget."""
+
+    def query(self, name: object, rdtype: str, budget: Budget) -> list[object]:
+        out = super().query(name, rdtype, budget)
+        budget.dns_bytes += 100 * 1024
+        return out
+
+
+def test_the_stage_dns_bytes_the_worker_counts_bound_the_helper_too(
+        helpers: isolation.Helpers) -> None:
+    """DNS_STAGE_BYTES is counted where the lookups are (the worker); an SPF
+    evaluation in a helper stops at it exactly as one in-process does."""
+    def zone_() -> FakeResolver:
+        r = _BulkyResolver({
+            # Over the bound at a:b.example: no data there would be a void
+            # lookup and "fail"; the bound itself is "permerror".
+            ("spf.example", "TXT"): "v=spf1 include:a.example a:b.example -all",
+            ("a.example", "TXT"): "v=spf1 ip6:2001:db8:ffff::/48 -all",
+            ("b.example", "AAAA"): "2001:db8::99",
+        })
+        return r
+
+    there, _ = helpers.call("spf", (ADDR, "a@spf.example", "x.example"), zone_(), Budget(5))
+    here = isolation.spf(zone_(), Budget(5), ADDR, "a@spf.example", "x.example")
+    assert there == here
+    assert here.result == "permerror", here
