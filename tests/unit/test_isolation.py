@@ -414,3 +414,17 @@ def test_the_stage_dns_bytes_the_worker_counts_bound_the_helper_too(
     here = isolation.spf(zone_(), Budget(5), ADDR, "a@spf.example", "x.example")
     assert there == here
     assert here.result == "permerror", here
+
+
+def test_without_its_zygote_a_worker_still_answers_every_check(
+        isolated: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """Not expected (the zygote dies with the worker), but defined: the idle
+    helpers die with the zygote (a check on one is a temporary error), then
+    the checks run in the worker itself, logged as such."""
+    assert isolated._helpers is not None
+    os.kill(isolated._helpers._zygote.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    results = [isolated.spf(ADDR, "a@example.com", "mail.example.com").result for _ in range(4)]
+    assert set(results) <= {"pass", "temperror"}
+    assert results[-1] == "pass"
+    assert "run in the worker itself" in caplog.text
