@@ -360,13 +360,15 @@ def wait_alive(threads: list[threading.Thread], timeout: float) -> list[str]:
 
 # -- the last line: a super-linear step planted in each path (issue 16) ------------------------
 
-BURN_MARK = "zzburn"  # IPV6MILTER_TEST_BURN: "<mark>spf", "<mark>dkim", "<mark>header" trigger
+BURN_MARK = "zzburn"  # IPV6MILTER_TEST_BURN: "<mark>spf", "<mark>dkim", "<mark>header",
+# "<mark>from" trigger
 
 
-def signed_example(mark: str, selector: str = "sel1", extra: list[str] | None = None) -> bytes:
-    """A message from sender@example.com signed by example.com (``selector``),
+def signed_example(mark: str, selector: str = "sel1", extra: list[str] | None = None,
+                   from_addr: str = "sender@example.com") -> bytes:
+    """A message from ``from_addr`` signed by example.com (``selector``),
     carrying an Authentication-Results field of another host (``extra``)."""
-    msg = make_message(mark, from_addr="sender@example.com", to="rcpt@example.com",
+    msg = make_message(mark, from_addr=from_addr, to="rcpt@example.com",
                        extra_headers=extra or ["Authentication-Results: other.example; spf=pass"])
     key = make_key(1024, "example.com")[0]
     return dkim.sign(msg, selector.encode(), b"example.com", key,
