@@ -443,7 +443,10 @@ class Message:
         self.too_many_fields = False
 
     def header(self, name: str, value: bytes) -> None:
-        lname = name.lower()
+        # A name may end in white space before its colon (RFC 5322 §4.5.8
+        # obs-optional): "DKIM-Signature :" is a signature, "Authentication-
+        # Results :" a field to delete (Postfix counts it as one too).
+        lname = name.rstrip(" \t").lower()
         if lname == "authentication-results":
             self.ar_count += 1
             ident = self._read_id(value)
