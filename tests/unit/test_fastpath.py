@@ -229,3 +229,13 @@ def test_header_value_is_what_it_was(iprev, spf, dkim_results, authserv_id: str)
     assert authresults.header_value(authserv_id, results) == \
         _header_value_before(authserv_id, results)
     assert authresults.header_value(authserv_id, []) == _header_value_before(authserv_id, [])
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from([b"A: b\r\n", b" folded\r\n", b"\r\n", b"\n", b"x\n", b"\t\n"]),
+                min_size=990, max_size=1010).map(b"".join))
+def test_the_field_limit_shortcut_decides_as_the_count(head: bytes) -> None:
+    # Around MAX_HEADER_FIELDS (1000) lines: the line count alone or the
+    # full count, the same answer.
+    assert dkimcheck._over_field_limit(head) == \
+        (dkimcheck._field_count(head) > dkimcheck.limits.MAX_HEADER_FIELDS)
