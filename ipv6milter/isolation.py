@@ -71,6 +71,12 @@ log = logging.getLogger(__name__)
 MAX_HELPERS = 32
 # Helpers kept idle, started before the first check and after each death.
 IDLE_HELPERS = 2
+# A helper beyond those, started for checks that overlapped, stays idle this
+# long after its last check before it is ended: under steady concurrent load
+# (c=8: a few checks in flight at any time) ending it at once made nearly
+# every check fork a helper and reap it again, a fork of the worker and its
+# page faults costing milliseconds of CPU, several times the check itself.
+IDLE_SECONDS = 60.0
 # Checks one helper runs before it is replaced (whatever it accumulated:
 # fragmented memory, caches of dkimpy's and pyspf's).
 CHECKS_PER_HELPER = 10_000
@@ -551,18 +557,21 @@ class _Helper:
     checks: int = 0
     cpu_base: float = 0.0  # the helper's CPU seconds when its last check ended
     demoted: bool = False
+    idle_since: float = 0.0  # time.monotonic() when it last became idle
 
 
 class Helpers:
     """A worker's check helpers.  Construct before any thread exists."""
 
     def __init__(self, cpu_seconds: float = limits.CHECK_CPU_SECONDS,
-                 most: int = MAX_HELPERS, idle: int = IDLE_HELPERS):
+                 most: int = MAX_HELPERS, idle: int = IDLE_HELPERS,
+                 idle_seconds: float = IDLE_SECONDS):
         if _burn_marker() is not None:  # read once, before the fork
             _seconds_per_step()
         self.cpu_seconds = cpu_seconds
         self.most = most
         self.keep_idle = idle
+        self.idle_seconds = idle_seconds
         self._zygote = _Zygote()
         self._cond = threading.Condition()
         self._idle: list[_Helper] = []
@@ -669,11 +678,26 @@ class Helpers:
 
     def _release(self, helper: _Helper, healthy: bool) -> None:
         if healthy and helper.checks < CHECKS_PER_HELPER and not helper.demoted:
+            stale: list[_Helper] = []
             with self._cond:
-                if not self._closed and len(self._idle) < self.keep_idle:
+                kept = not self._closed
+                if kept:
+                    now = time.monotonic()
+                    helper.idle_since = now
                     self._idle.append(helper)
                     self._cond.notify()
-                    return
+                    # Checks take the most recently idle (the list's end); past
+                    # the helpers always kept, the longest idle end once they
+                    # have been idle for idle_seconds.
+                    while (len(self._idle) - len(stale) > self.keep_idle
+                           and now - self._idle[len(stale)].idle_since > self.idle_seconds):
+                        stale.append(self._idle[len(stale)])
+                    del self._idle[: len(stale)]
+                    self._live -= len(stale)
+            if kept:
+                for old in stale:
+                    self._end(old)
+                return
         self._end(helper)
         with self._cond:
             self._live -= 1
