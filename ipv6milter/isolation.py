@@ -77,6 +77,9 @@ IDLE_HELPERS = 2
 # every check fork a helper and reap it again, a fork of the worker and its
 # page faults costing milliseconds of CPU, several times the check itself.
 IDLE_SECONDS = 60.0
+# Helpers kept idle at most: each holds a few MiB of its own; a burst past
+# this many overlapping checks still forks (and ends) the rest.
+MAX_IDLE_HELPERS = 8
 # Checks one helper runs before it is replaced (whatever it accumulated:
 # fragmented memory, caches of dkimpy's and pyspf's).
 CHECKS_PER_HELPER = 10_000
@@ -680,7 +683,8 @@ class Helpers:
         if healthy and helper.checks < CHECKS_PER_HELPER and not helper.demoted:
             stale: list[_Helper] = []
             with self._cond:
-                kept = not self._closed
+                kept = not self._closed and len(self._idle) < max(self.keep_idle,
+                                                                  MAX_IDLE_HELPERS)
                 if kept:
                     now = time.monotonic()
                     helper.idle_since = now
