@@ -303,23 +303,22 @@ def boot(root: Path, ns: str, log: Path) -> Iterator[Booted]:
     attempts = [registered, False] if registered else [False]
     booted: Booted | None = None
     for reg in attempts:
-        fh = open(log, "ab")
-        proc = subprocess.Popen(_nspawn(root, name, ns, reg), stdin=subprocess.DEVNULL,
-                                stdout=fh, stderr=subprocess.STDOUT, env=SYSTEM_ENV)
-        fh.close()
-        leader: list[int] = []
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(_nspawn(root, name, ns, reg), stdin=subprocess.DEVNULL,
+                                    stdout=fh, stderr=subprocess.STDOUT, env=SYSTEM_ENV)
+        found: list[int] = []
 
-        def up(p: subprocess.Popen[bytes] = proc) -> bool:
+        def up(p: subprocess.Popen[bytes] = proc, found: list[int] = found) -> bool:
             if p.poll() is not None:
                 return True
             got = _leader(p.pid)
             if got:
-                leader.append(got)
+                found.append(got)
             return bool(got)
 
         wait(up, 60, "systemd-nspawn --boot")
         if proc.poll() is None:
-            booted = Booted(root, name, proc, leader[-1], log)
+            booted = Booted(root, name, proc, found[-1], log)
             break
     assert booted is not None, log.read_text(errors="replace")[-4000:]
     try:

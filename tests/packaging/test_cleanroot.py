@@ -214,7 +214,8 @@ def set_conf(w: World, key: str, value: str) -> None:
 
 
 def restart_both(w: World) -> None:
-    """README.Debian: "systemctl restart ipv6milter" (after a Socket change) and "postfix reload"."""
+    """README.Debian: "systemctl restart ipv6milter" (after a Socket change)
+    and "postfix reload"."""
     documented(w, 'then "systemctl restart ipv6milter" (after a Socket change) and')
     code, out = w.rc("systemctl restart ipv6milter && postfix reload")
     assert code == 0, out + w.rc("journalctl --no-pager -n 30 -u ipv6milter")[1]
@@ -314,7 +315,8 @@ def test_postfix_option_1_the_inet_socket(world: World) -> None:
     # The test's own Postfix settings (not README.Debian's): the recipient
     # domains are local, delivered to alice's mailbox.
     world.sh("useradd -m alice && postconf -e "
-             f"'mydestination = {OPTED_IN}, {NOT_OPTED_IN}, localhost' && systemctl restart postfix")
+             f"'mydestination = {OPTED_IN}, {NOT_OPTED_IN}, localhost' "
+             "&& systemctl restart postfix")
     documented(world, "Socket inet:8894@localhost", "smtpd_milters = inet:localhost:8894",
                "No group membership is needed.", "milter_default_action = tempfail",
                "milter_protocol = 6")
@@ -355,8 +357,8 @@ def test_admin_guides_socket_recipe(world: World) -> None:
     spool = "/var/spool/postfix/ipv6milter"
     recipe = f"install -d -o ipv6milter -g postfix -m 2750 {spool}"
     assert recipe in guide and f"ReadWritePaths={spool}" in guide
-    world.sh(f"systemctl stop ipv6milter && rm -r {spool} && {recipe} && gpasswd -d postfix ipv6milter"
-             " && systemctl restart postfix")
+    world.sh(f"systemctl stop ipv6milter && rm -r {spool} && {recipe} "
+             "&& gpasswd -d postfix ipv6milter && systemctl restart postfix")
     restart_both(world)
     assert world.test(f"-S {spool}/ipv6milter.sock")
     assert world.sh(f"stat -c %G {spool}/ipv6milter.sock").strip() == "postfix"
@@ -392,9 +394,11 @@ def test_stop_then_self_test_passes(world: World) -> None:
     for who in ("", "runuser -u ipv6milter -- "):
         code, out = world.rc(f"{who}ipv6milter --self-test")
         assert code == 0, out
-        assert ("ok   socket unix:/run/ipv6milter/ipv6milter.sock: directory /run/ipv6milter is "
-                "created by systemd at start (RuntimeDirectory=ipv6milter in "
-                "/lib/systemd/system/ipv6milter.service)") in out, out
+        # /lib is /usr/lib on a merged-/usr system (Debian 12's default)
+        assert re.search(r"^ok   socket unix:/run/ipv6milter/ipv6milter.sock: directory "
+                         r"/run/ipv6milter is created by systemd at start \(RuntimeDirectory="
+                         r"ipv6milter in (/usr)?/lib/systemd/system/ipv6milter.service\)$",
+                         out, re.M), out
     # The milter gone, milter_default_action = tempfail defers.
     out = send(world, GOOD, "sender@example.com", f"alice@{OPTED_IN}", marker())
     assert out.mail.code == 451 or (out.rcpts and out.rcpts[0].code == 451), out
@@ -430,10 +434,12 @@ def test_removal_leaves_nothing(world: World) -> None:
 
     assert world.rc("dpkg-query -W -f '${Status}' ipv6milter")[0] != 0, "still known to dpkg"
     for gone in ("/etc/ipv6milter", "/run/ipv6milter", "/var/spool/postfix/ipv6milter",
-                 "/etc/systemd/system/ipv6milter.service.d", "/lib/systemd/system/ipv6milter.service",
+                 "/etc/systemd/system/ipv6milter.service.d",
+                 "/lib/systemd/system/ipv6milter.service",
                  "/usr/share/doc/ipv6milter", "/usr/lib/python3/dist-packages/ipv6milter"):
         assert not world.test(f"-e {gone}"), f"{gone} is left"
-    assert world.rc("getent passwd ipv6milter")[0] == 2 and world.rc("getent group ipv6milter")[0] == 2
+    for db in ("passwd", "group"):
+        assert world.rc(f"getent {db} ipv6milter")[0] == 2, f"ipv6milter is left in {db}"
     left = world.sh("find / -xdev \\( -path /proc -o -path /sys -o -path /root \\) -prune "
                     "-o \\( -name '*ipv6milter*' -o -nouser -o -nogroup \\) -print").split()
     assert not left, left
