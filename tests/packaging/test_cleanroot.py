@@ -112,6 +112,9 @@ def world(built_deb: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     (root / "etc/hostname").write_text(HOSTNAME + "\n")
     (root / "etc/hosts").write_text(f"127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {HOSTNAME}\n")
     (root / "etc/resolv.conf").write_text("nameserver ::1\n")
+    # dpkg without an fsync per file (what mmdebstrap itself does while it
+    # builds): the same packages installed, in a third of the time.
+    (root / "etc/dpkg/dpkg.cfg.d/unsafe-io").write_text("force-unsafe-io\n")
     timings.append(f"root ready: {time.monotonic() - start:.1f}s")
     try:
         with cleanroot.netns([SERVER, GOOD, NOPTR]) as ns, \
@@ -355,8 +358,10 @@ def test_admin_guides_socket_recipe(world: World) -> None:
     milter's user with group postfix and the setgid bit."""
     guide = world.path("/usr/share/doc/ipv6milter/docs/admin-guide.md").read_text()
     spool = "/var/spool/postfix/ipv6milter"
-    recipe = f"install -d -o ipv6milter -g postfix -m 2750 {spool}"
-    assert recipe in guide and f"ReadWritePaths={spool}" in guide
+    found = re.search(r"install -d [^`]*?/var/spool/postfix/ipv6milter", guide)
+    assert found, "the admin guide gives no directory for the socket"
+    recipe = " ".join(found.group(0).split())
+    assert f"ReadWritePaths={spool}" in guide  # the drop-in of option 2 stays in place
     world.sh(f"systemctl stop ipv6milter && rm -r {spool} && {recipe} "
              "&& gpasswd -d postfix ipv6milter && systemctl restart postfix")
     restart_both(world)
@@ -407,27 +412,28 @@ def test_stop_then_self_test_passes(world: World) -> None:
 # -- removal, as README.Debian gives it ---------------------------------------------------------
 
 
+def readme_section(w: World, title: str) -> str:
+    text = gzip.decompress(w.path("/usr/share/doc/ipv6milter/README.Debian.gz").read_bytes())
+    return text.decode().split(f"\n{title}\n", 1)[1].split("\n\n\n", 1)[0]
+
+
 def test_removal_leaves_nothing(world: World) -> None:
-    steps = [
-        "postconf -X smtpd_milters milter_default_action milter_protocol",
-        "postfix reload",
-        "apt-get purge ipv6milter",
-        "rm -r /etc/systemd/system/ipv6milter.service.d /var/spool/postfix/ipv6milter",
-        "systemctl daemon-reload",
-        "deluser postfix ipv6milter",
-        "deluser --system ipv6milter",
-        "delgroup --system ipv6milter",
-    ]
-    documented(world, *steps)
+    """The commands of README.Debian's "Removing the package" (its indented
+    lines), run in its order: each succeeds, Postfix takes mail all along,
+    and nothing of the package is left."""
+    section = readme_section(world, "Removing the package")
+    steps = [line.strip() for line in section.splitlines()
+             if line.startswith("    ") and not line.startswith("     ")]
+    assert "apt-get purge ipv6milter" in steps, steps
     world.sh("postconf -F smtp/inet/chroot=y")  # undo option 3's master.cf change
     for step in steps:
         cmd = step.replace("apt-get purge", "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q")
         code, out = world.rc(cmd)
         assert code == 0, f"{step}: exit {code}\n{out}"
-        if step == "postfix reload":
-            # Mail flows again before the package goes, and after.
-            mark = marker()
-            assert send(world, GOOD, "sender@example.com", f"alice@{OPTED_IN}", mark).accepted
+        if step == "postfix reload" or step.startswith("apt-get purge"):
+            # Mail flows once the milter is out of main.cf, and after the purge.
+            out = send(world, GOOD, "sender@example.com", f"alice@{OPTED_IN}", marker())
+            assert out.accepted, f"after {step}: {out}"
     mark = marker()
     assert send(world, GOOD, "sender@example.com", f"alice@{OPTED_IN}", mark).accepted
     delivered(world, mark)
