@@ -134,7 +134,7 @@ man:
 #   make bench   ipv6milter beside OpenDKIM, dkimpy-milter and pyspf-milter through a
 #                private Postfix (bench/run.py; ~11 minutes, root); writes
 #                bench/results.md, bench/results.png; analysis in docs/performance.md
-APT_BENCH := postfix knot openssl util-linux opendkim dkimpy-milter pyspf-milter
+APT_BENCH := postfix knot openssl util-linux opendkim dkimpy-milter pyspf-milter rspamd
 
 .PHONY: bench
 bench: deps-run $(VENV)/.test-installed $(VENV)/.bench-installed

@@ -23,7 +23,7 @@ signalled, by their pid.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,16 +137,22 @@ def start_milter(
     logdir: Path,
     resolv_conf: Path | None = None,
     env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    ready: Callable[[int], bool] | None = None,
 ) -> Milter:
     """Start ``argv`` (in the foreground) and wait for its unix socket.
 
     With ``resolv_conf``, it runs in a private mount namespace where that file
-    is bind-mounted over /etc/resolv.conf.  The umask is 0 so that Postfix's
+    is bind-mounted over /etc/resolv.conf; ``ready(pid)``, if given, must
+    also hold (rspamd listens before its workers exist).  The umask is 0 so that Postfix's
     smtpd (user postfix) may connect to the socket.
     """
-    m = Milter(name, argv, logdir / f"{name}.log", lambda: lab.unix_listening(sock),
+    def is_ready() -> bool:
+        return lab.unix_listening(sock) and (ready is None or ready(m.pid))
+
+    m = Milter(name, argv, logdir / f"{name}.log", is_ready,
                env=env, umask=0, resolv_conf=resolv_conf, socket_spec=f"unix:{sock}")
-    m.start(timeout=30)
+    m.start(timeout=timeout)
     return m
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import authres
 from authres.core import AuthenticationResultProperty
 
-from .model import DkimResult, IPAddress, IprevResult, SpfResult
+from .model import Aligned, Alignment, DkimResult, IPAddress, IprevResult, SpfResult
 
 FIELD = "Authentication-Results"
 
@@ -70,11 +70,26 @@ def _reason(r: DkimResult) -> str | None:
     return phrase if _REASON.fullmatch(phrase) else None
 
 
+def alignment_comment(alignment: Alignment | None, state: Aligned) -> str | None:
+    """The comment on a passing ``spf`` or ``dkim`` result in From-aligned
+    mode (SPEC §2), naming the From domain; None with ``Alignment off``.
+    No ``dmarc=`` result is written: no DMARC policy was evaluated."""
+    if alignment is None:
+        return None
+    domain = _token(alignment.from_domain) if alignment.from_domain else None
+    if domain is None:
+        return "not aligned: no single From domain"
+    if state is Aligned.UNKNOWN:
+        return "alignment unknown: temporary DNS failure"
+    return f"{state.value} with {domain}"
+
+
 def results_for(
     addr: IPAddress | None,
     iprev: IprevResult | None,
     spf: SpfResult | None,
     dkim: Sequence[DkimResult],
+    alignment: Alignment | None = None,
 ) -> list[authres.core.BaseAuthenticationResult]:
     out: list[authres.core.BaseAuthenticationResult] = []
     if iprev is not None and addr is not None:
@@ -86,24 +101,31 @@ def results_for(
             )
         )
     if spf is not None:
+        spf_comment = (alignment_comment(alignment, alignment.spf)
+                       if alignment is not None and spf.result == "pass" else None)
         if spf.scope == "helo":
             out.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_helo=_helo_value(spf.identity)
+                    result=spf.result, result_comment=spf_comment,
+                    smtp_helo=_helo_value(spf.identity)
                 )
             )
         else:
             out.append(
                 authres.SPFAuthenticationResult(
-                    result=spf.result, smtp_mailfrom=_mailfrom_value(spf.identity)
+                    result=spf.result, result_comment=spf_comment,
+                    smtp_mailfrom=_mailfrom_value(spf.identity)
                 )
             )
     if not dkim:
         out.append(authres.DKIMAuthenticationResult(result="none"))
-    for r in dkim:
+    for i, r in enumerate(dkim):
+        comment = _reason(r)
+        if alignment is not None and r.result == "pass":
+            comment = alignment_comment(alignment, alignment.of_dkim(i))
         res = authres.DKIMAuthenticationResult(
             result=r.result,
-            result_comment=_reason(r),
+            result_comment=comment,
             header_d=_token(r.domain),
             header_s=_token(r.selector),
         )
@@ -130,32 +152,83 @@ def build(
     iprev: IprevResult | None,
     spf: SpfResult | None,
     dkim: Sequence[DkimResult],
+    alignment: Alignment | None = None,
 ) -> str:
-    return header_value(authserv_id, results_for(addr, iprev, spf, dkim))
+    return header_value(authserv_id, results_for(addr, iprev, spf, dkim, alignment))
 
 
 def unfold(value: str) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", value)
 
 
+# White space (Unicode, as str.split sees it) and what ends the authserv-id.
+_SPACE = re.compile(r"\s*")
+_TOKEN = re.compile(r"[^\s;(]*")
+# What changes the depth of a comment (a run of parentheses at a time), or
+# a quoted-pair (RFC 5322 §3.2.1) whose character does not count.  Written
+# to start with one character class, so that the search between two marks
+# runs at C speed.
+_COMMENT_MARK = re.compile(r"[()\\](?:(?<=\()\(*|(?<=\))\)*|(?<=\\).?)", re.DOTALL)
+# What ends a quoted-string, or escapes the next character.
+_QUOTE_MARK = re.compile(r'["\\]')
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _after_comment(v: str, i: int) -> int:
+    """Where the comment that opens at ``v[i]`` ends (RFC 5322 §3.2.2:
+    comments nest, ``\\`` escapes), or ``len(v)`` when it never closes.
+    One pass with a depth counter, jumping from one run of parentheses or
+    quoted-pair to the next."""
+    depth, j = 0, i
+    while (m := _COMMENT_MARK.search(v, j)) is not None:
+        run, j = m.group(), m.end()
+        if run[0] == "(":
+            depth += len(run)
+        elif run[0] == ")":
+            depth -= len(run)
+            if depth <= 0:
+                return j + depth  # where the depth reached 0, inside the run
+    return len(v)
+
+
+def _end(m: re.Match[str] | None, default: int) -> int:
+    return m.end() if m is not None else default
+
+
+def _skip_cfws(v: str, i: int) -> int:
+    """Past the white space and comments at ``v[i]`` (RFC 5322 CFWS)."""
+    while True:
+        i = _end(_SPACE.match(v, i), i)
+        if not v.startswith("(", i):
+            return i
+        i = _after_comment(v, i)
+
+
+def _quoted(v: str, i: int) -> str:
+    """The quoted-string that opens at ``v[i]``, unescaped; "" if it never closes."""
+    j = i + 1
+    while (m := _QUOTE_MARK.search(v, j)) is not None:
+        if m.group() == '"':
+            return _QUOTED_PAIR.sub(r"\1", v[i + 1 : m.start()])
+        j = m.end() + 1  # a quoted-pair: the next character is taken as it is
+    return ""
+
+
 def authserv_id_of(value: str) -> str:
     """The authserv-id of a received header, read leniently.
 
-    A forged header need not parse: the first token before ``;``, with any
-    comments removed and quotes stripped, is compared, so a broken header
-    that claims our name is removed too.
+    A forged header need not parse: the first token after any white space
+    and comments (a quoted-string unquoted), up to white space, ``;`` or a
+    comment, is compared, so a broken header that claims our name is removed
+    too.  One pass that stops at the authserv-id: linear whatever precedes
+    it, comments nested to any depth; nothing is cut, so our id after a
+    comment of any length is still found (RFC 8601 §5: it must be deleted).
+    A comment that never closes runs to the end of the field (no id).
     """
-    v = unfold(value)
-    while True:  # comments may nest (RFC 5322 §3.2.2)
-        stripped = re.sub(r"\((?:[^()\\]|\\.)*\)", " ", v)
-        if stripped == v:
-            break
-        v = stripped
-    v = v.strip()
-    if v.startswith('"'):
-        m = re.match(r'"((?:[^"\\]|\\.)*)"', v)
-        return re.sub(r"\\(.)", r"\1", m.group(1)).lower() if m else ""
-    return re.split(r"[\s;]", v, maxsplit=1)[0].lower()
+    i = _skip_cfws(value, 0)
+    if value.startswith('"', i):
+        return _quoted(value, i).lower()
+    return value[i : _end(_TOKEN.match(value, i), i)].lower()
 
 
 def forged_indexes(values: Sequence[str], authserv_id: str) -> list[int]:

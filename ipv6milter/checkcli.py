@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
-from . import authresults, config, policy
+from . import alignment, authresults, config, policy
 from .config import Config, ConfigError
 from .engine import Engine, Message, split_fields
-from .model import ACCEPT, DkimResult, Verdict
+from .model import ACCEPT, Alignment, DkimResult, SpfResult, Verdict
 from .resolver import Resolver
 
 
@@ -89,6 +90,22 @@ def collect(cfg: Config, message: bytes) -> Message:
     return msg
 
 
+def _alignment_lines(aligned: Alignment, spf: SpfResult | None,
+                     dkim: Sequence[DkimResult]) -> list[str]:
+    """--explain: the alignment of each passing or temporarily failed
+    identifier, and what the policy makes of them."""
+    out = []
+    if spf is not None and spf.result in ("pass", "temperror"):
+        out.append(f"spf={spf.result} {spf.identity or '-'}: "
+                   f"{authresults.alignment_comment(aligned, aligned.spf)}")
+    for i, r in enumerate(dkim):
+        if r.result in ("pass", "temperror"):
+            out.append(f"dkim={r.result} d={r.domain or '-'}: "
+                       f"{authresults.alignment_comment(aligned, aligned.of_dkim(i))}")
+    out.append(f"aligned={policy.aligned_summary(spf, dkim, aligned)}")
+    return out
+
+
 def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None) -> int:
     """Judge the message of ``args``; ``resolver`` replaces the configured one (tests)."""
     cfg = config.load(args.config, default_if_missing=args.config is None)
@@ -119,6 +136,7 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
     verdict: Verdict = ACCEPT
     iprev = spf = None
     dkim: tuple[DkimResult, ...] = ()
+    aligned: Alignment | None = None
     if checks:
         iprev = engine.iprev(eff, trace)
         show_trace("reverse DNS lookups")
@@ -147,8 +165,10 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
         spf = engine.spf(eff, args.mail_from, args.helo, budget=budget)
         show_trace("SPF lookups")
         explain(f"spf={spf.result}: {spf.detail}")
+        from_values: list[bytes] = []
         if message is not None:
             msg = collect(cfg, message)
+            from_values = msg.from_values
             if msg.too_big:
                 explain(f"message: {msg.too_big}: signatures reported, not verified")
             dkim = engine.dkim_of(msg, budget)
@@ -157,8 +177,15 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
                 explain(f"dkim={r.result} d={r.domain or '-'} s={r.selector or '-'}: {r.detail}")
         else:
             explain("no message given: judged without DKIM")
+        if cfg.alignment != "off":
+            # The same deadline as SPF and DKIM, as at the milter's end of message.
+            aligned = alignment.evaluate(engine.resolver, cfg.alignment, from_values, spf,
+                                         dkim, budget)
+            show_trace(f"From alignment ({cfg.alignment}): From domain and _dmarc lookups")
+            for line in _alignment_lines(aligned, spf, dkim):
+                explain(line)
     if scope.in_scope and opted_in:
-        verdict = policy.decide_eom(cfg, addr, spf, dkim)
+        verdict = policy.decide_eom(cfg, addr, spf, dkim, aligned)
         explain(
             f"end of message: {verdict.summary}"
             + (f" ({'; '.join(verdict.reasons)})" if verdict.reasons else "")
@@ -177,7 +204,7 @@ def run(args: argparse.Namespace, out: TextIO, resolver: Resolver | None = None)
         print(f"accept ({why}; enforce would reply: {verdict.reply})", file=out)
     if checks and not verdict.refuses:
         authserv_id = cfg.default_authserv_id(None)
-        value = authresults.build(authserv_id, eff, iprev, spf, dkim)
+        value = authresults.build(authserv_id, eff, iprev, spf, dkim, aligned)
         print(f"{authresults.FIELD}: {value}", file=out)
     return 1 if verdict.refuses else 0
 

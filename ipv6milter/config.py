@@ -408,6 +408,10 @@ KEYS: tuple[Key, ...] = (
     Key("DNSTimeout", "dns_timeout", _number(float, 0.1, 300), "seconds per DNS lookup"),
     Key("StageTimeout", "stage_timeout", _number(float, 0.1, 3600), "seconds per SMTP stage"),
     Key("MaxSignatures", "max_signatures", _number(int, 1, 100), "DKIM signatures tried"),
+    Key("Alignment", "alignment", _choice("off", "relaxed", "strict"),
+        "SPF's or DKIM's passing domain aligned with the From domain"),
+    Key("SPFVoidLookupLimit", "spf_void_lookup_limit", _number(int, 2, 20),
+        "void DNS lookups allowed in one SPF evaluation (RFC 7208 4.6.4)"),
     Key("MaxMessageSize", "max_message_size", _number(int, 1024, 2**40), "bytes kept for DKIM"),
     Key("UserID", "user_id", parse_userid, "user[:group] after binding"),
     Key("UMask", "umask", parse_umask, "umask for a unix socket"),
@@ -440,6 +444,8 @@ class Config:
     dns_timeout: float = 5.0
     stage_timeout: float = 20.0
     max_signatures: int = 5
+    alignment: str = "off"  # From-aligned mode (SPEC §1): off, relaxed, strict
+    spf_void_lookup_limit: int = 2  # RFC 7208 §4.6.4's recommended two
     max_message_size: int = 67108864
     user_id: str | None = None
     umask: int = 0o007
@@ -529,6 +535,15 @@ def load(path: str | None, *, default_if_missing: bool = False) -> Config:
     return parse(text, os.path.abspath(path))
 
 
+# What each Alignment mode asks of a message, for ``ipv6milter -n``.
+ALIGNMENT_RULES = {
+    "off": "any SPF or DKIM pass is enough (EOP's rule)",
+    "relaxed": "the passing SPF or DKIM domain must share the From domain's organizational "
+               "domain (RFC 9989 DNS tree walk over _dmarc records)",
+    "strict": "the passing SPF or DKIM domain must be the From domain itself",
+}
+
+
 def _show(attr: str, v: Any) -> str:
     if v is None or v == "" or v == ():
         return "-"
@@ -543,6 +558,8 @@ def _show(attr: str, v: Any) -> str:
         return ", ".join(_hostport(h, p) for h, p in v)
     if attr == "metrics_listen":
         return _hostport(*v)
+    if attr == "alignment":
+        return f"{v}  # {ALIGNMENT_RULES[v]}"
     if attr == "workers":
         return str(v) if v else "auto"
     if isinstance(v, tuple):

@@ -1,32 +1,35 @@
-"""DKIM (RFC 6376) with dkimpy, every signature, keys fetched through our resolver.
+"""The DKIM checker: every signature of a message verified, keys fetched through our resolver.
 
 ``dkim.verify()`` looks at the first signature only and folds every error,
 a DNS outage included, into False; so each signature is verified on its own
-with ``DKIM.verify(idx=i, dnsfunc=...)`` and the key lookup is watched to
-tell a missing or broken key (permerror) from a bad signature (fail) and
-from a DNS outage (temperror).
+and the key lookup is watched to tell a missing or broken key (permerror)
+from a bad signature (fail) and from a DNS outage (temperror).
+
+One direction: for each signature this module asks dkimaccept (the rules)
+whether its tags are acceptable (``read_signature``), looks the key up,
+asks whether the key is (``judge_key``), and only then hands dkimpy the
+parsed signature, the parsed key, the fields ``h=`` selects and the body
+canonicalized once per canonicalization: dkimpy computes the hashes and
+the cryptography, nothing else.  The header is parsed here, in one pass
+(dkimpy's own parse is quadratic over folded lines and refuses a field
+written ``Name : value``, RFC 5322 §4.5.8 obs-optional, which is that field).
 """
 
 from __future__ import annotations
 
 import binascii
-import functools
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dkim
-from dkim.canonicalization import (
-    CanonicalizationPolicy,
-    InvalidCanonicalizationPolicyError,
-    Relaxed,
-    Simple,
-)
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.canonicalization import Simple
 
-from . import dkimaccept
+from . import dkimaccept, dkimcanon, limits
 from .config import a_labels
+from .dkimaccept import Key, Refusal, Signature
+from .dkimcanon import field_name, signed_subset
 from .model import DkimResult
 from .resolver import Budget, Resolver, TempFail
 
@@ -42,6 +45,14 @@ class _DebugOnly(logging.LoggerAdapter):
 
 _dkimpy_log = _DebugOnly(logging.getLogger("ipv6milter.dkimpy"), {})
 
+# Every pattern here reads sender data and runs in linear time (none can try
+# a run of characters from more than one start): _TOKEN's repetition is
+# bounded (253); _HEAD_END, _BARE_LF, _FIELD_START and _FIELD_LINE look at a
+# few characters per position; _SIGNATURE_FIELD and _SIGNATURE_VALUE start
+# only at a line start, their [ \t]* run belongs to that line, and nothing
+# follows _SIGNATURE_VALUE's repetition, so a failed extra iteration never
+# backtracks into the earlier ones; _FIELD_NAME is matched once per field,
+# its two classes meet only at the name's end.
 _TOKEN = re.compile(rb"^[A-Za-z0-9._-]{1,253}$")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 # Lenient on purpose (any case, space before the colon): a false match only
@@ -52,10 +63,10 @@ _FIELD_START = re.compile(rb"(?m)^[^ \t\r\n]")
 _SIGNATURE_VALUE = re.compile(rb"(?im)^dkim-signature[ \t]*:(.*(?:\r?\n[ \t].*)*)")
 _SPACE = re.compile(rb"\s+")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=]*")
-_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-# A body tail of empty (or, relaxed, blank) lines longer than this is cut
-# down before dkimpy sees it: its canonicalization strips them one at a time.
-_LONG_TAIL = 4096
+# Where each header field starts: a line that is not a continuation.
+_FIELD_LINE = re.compile(rb"(?m)^[^ \t]")
+# RFC 5322 field-name (printable, no colon), then obs-optional's WSP.
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*")
 
 
 # -- the message, split as dkimpy would, without its per-line copies ----------------
@@ -77,6 +88,41 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
     if body.count(b"\n") != body.count(b"\r\n"):  # a bare LF (C speed; a regex was not)
         body = _BARE_LF.sub(b"\r\n", body)
     return head, body
+
+
+def parse_header(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields as dkimpy's ``rfc822_parse`` gives them, in one pass.
+
+    ``(name, value)``: the name as written up to its colon, the value after
+    the colon with every line end made CRLF and a CRLF at the end, folded
+    lines kept.  The same list as dkimpy's, with two differences: a field
+    written with white space before its colon (RFC 5322 §4.5.8
+    obs-optional, which a receiver must accept) is a field, its name keeping
+    that white space (simple canonicalization hashes it as written, relaxed
+    drops it, RFC 6376 §3.4.2), where dkimpy refuses the whole header; and
+    dkimpy's ``value += line`` per folded line (quadratic over many folded
+    lines) is one slice here.  A line that is no field (no colon, a name
+    with space or control characters, a continuation with no field above)
+    makes the header unusable, as it does for dkimpy (MessageFormatError);
+    an mbox ``From `` line is skipped, as dkimpy skips it.
+    """
+    if head.count(b"\n") != head.count(b"\r\n"):
+        head = _BARE_LF.sub(b"\r\n", head)
+    starts = [m.start() for m in _FIELD_LINE.finditer(head)]
+    if head and (not starts or starts[0] != 0):
+        raise dkim.MessageFormatError("a folded line with no header field above it")
+    fields = []
+    for start, end in zip(starts, [*starts[1:], len(head)][: len(starts)], strict=True):
+        colon = head.find(b":", start, end)
+        line_end = head.find(b"\n", start, end)
+        name = head[start:colon]
+        if colon < 0 or (0 <= line_end < colon) or not _FIELD_NAME.fullmatch(name):
+            if head.startswith(b"From ", start):
+                continue
+            raise dkim.MessageFormatError("unexpected characters in the header")
+        value = head[colon + 1 : end]
+        fields.append((name, value if value.endswith(b"\r\n") else value + b"\r\n"))
+    return fields
 
 
 def _suffix_start(data: bytes, chars: bytes) -> int:
@@ -108,7 +154,8 @@ def _empty_tail(body: bytes, blank: bool) -> int:
     return start + marked.index(b"\0", max(lone, 0)) + 2
 
 
-def canonical_equivalent(body: bytes, algorithm: bytes, longer_than: int = _LONG_TAIL) -> bytes:
+def canonical_equivalent(body: bytes, algorithm: bytes,
+                         longer_than: int = limits.BODY_EMPTY_TAIL) -> bytes:
     """``body`` with a long tail of empty lines cut to one line.
 
     Both canonicalizations (RFC 6376 §3.4.3, §3.4.4) ignore every empty line
@@ -137,17 +184,9 @@ def canonical_body(body: bytes, algorithm: bytes) -> bytes:
     trimmed = canonical_equivalent(body, algorithm)
     if not trimmed.endswith(b"\r\n"):
         return trimmed
-    canon = Relaxed if algorithm == b"relaxed" else Simple
-    return canon.canonicalize_body(trimmed)
-
-
-def _body_algorithm(tags: dict[bytes, bytes]) -> bytes:
-    """c='s body canonicalization, from the tags ``_verify_one`` parsed already."""
-    try:
-        c = tags.get(b"c", b"simple/simple")
-        return CanonicalizationPolicy.from_c_value(c).body_algorithm.name
-    except (InvalidTagValueList, InvalidCanonicalizationPolicyError, ValueError, IndexError):
-        return b"simple"  # dkimpy will refuse the signature itself
+    if algorithm == b"relaxed":
+        return dkimcanon.relaxed_body(trimmed)
+    return Simple.canonicalize_body(trimmed)
 
 
 def signature_tags(value: bytes) -> dict[bytes, bytes]:
@@ -166,10 +205,21 @@ def describe(value: bytes, result: str, detail: str) -> DkimResult:
     def clean(v: bytes) -> str:
         return v.decode("ascii").lower() if _TOKEN.match(v) else ""
 
+    def domain(v: bytes) -> str:
+        # RFC 8616 §4: a U-label d= is the domain of its A-label (From-aligned
+        # mode compares A-labels; header.d then shows the A-label).
+        if _TOKEN.match(v) or len(v) > 253:
+            return clean(v)
+        try:
+            d = a_labels(v.decode("utf-8")).encode("ascii")
+        except UnicodeError:
+            return ""
+        return clean(d)
+
     b = tags.get(b"b", b"")[:8]
     b_text = b.decode("ascii") if _BASE64.fullmatch(b) else ""
     return DkimResult(
-        result, clean(tags.get(b"d", b"")), clean(tags.get(b"s", b"")), b_text, detail
+        result, domain(tags.get(b"d", b"")), clean(tags.get(b"s", b"")), b_text, detail
     )
 
 
@@ -179,24 +229,6 @@ def unverified(
     """Signatures reported but not verified: ``neutral`` for a message over
     MaxMessageSize, ``permerror`` for one with too many header fields."""
     return tuple(describe(v, result, detail) for v in list(signatures)[:max_signatures])
-
-
-def _key_name(tags: dict[bytes, bytes]) -> str | None:
-    """The key's DNS name ``s._domainkey.d`` in A-label form, or None.
-
-    RFC 8616 §4 lets ``d=`` (and ``s=``) carry U-labels: they are looked up
-    as A-labels.  A name that is not UTF-8, not valid IDNA, or too long for
-    the DNS cannot exist; the signature naming it is a permerror, and no
-    query is sent.
-    """
-    try:
-        text = (tags[b"s"] + b"._domainkey." + tags[b"d"]).decode("utf-8")
-        name = a_labels(text)
-    except (KeyError, UnicodeError):
-        return None
-    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-        return None
-    return name
 
 
 def _field_count(head: bytes) -> int:
@@ -213,29 +245,9 @@ def _signature_values(head: bytes, max_signatures: int) -> list[bytes]:
     return out
 
 
-def signed_subset(headers: Sequence[Sequence[bytes]], names: Iterable[bytes]) -> list[int]:
-    """Indexes of the fields that ``h=`` ``names`` select, in linear time.
-
-    The same choice as dkimpy's ``select_headers`` (RFC 6376 §5.4.2: each
-    mention of a name takes the next instance from the bottom up; a name with
-    no instance left selects nothing), which rescans the whole header for
-    every mention of an absent name: many distinct absent names times many
-    fields was quadratic.
-    """
-    positions: dict[bytes, list[int]] = {}
-    for i, field in enumerate(headers):
-        positions.setdefault(field[0].lower(), []).append(i)
-    picked = []
-    for name in names:
-        stack = positions.get(name)
-        if stack:
-            picked.append(stack.pop())
-    return picked
-
-
 def _fields_for(
-    headers: list[list[bytes]], sig_index: int, names: list[bytes]
-) -> tuple[list[list[bytes]], int]:
+    headers: Sequence[Sequence[bytes]], sig_index: int, names: list[bytes]
+) -> tuple[list[Sequence[bytes]], int]:
     """The header fields dkimpy needs for one signature, and its index among them.
 
     Only the fields ``h=`` selects, and the signature field itself, in their
@@ -248,52 +260,31 @@ def _fields_for(
         names = [*names, b"from"]  # dkimpy hashes one more From than h= names (bug#644046)
     keep = sorted({*signed_subset(headers, names), sig_index})
     fields = [headers[i] for i in keep]
-    idx = sum(1 for i in keep if i < sig_index and headers[i][0].lower() == b"dkim-signature")
+    idx = sum(1 for i in keep if i < sig_index and field_name(headers[i][0]) == _SIGNATURE)
     return fields, idx
 
 
-def _prepare_key(name: str, record: bytes) -> tuple[bytes, str | None, tuple[Any, ...] | None]:
-    """The record as dkimpy is given it, why dkimpy could not use it (or
-    None), and dkimpy's reading of it (``evaluate_pk``'s key, size, type and
-    tlsrpt flag), which ``_dkimpy_verify`` hands to dkimpy instead of letting
-    it read the record again."""
-    # dkimpy reads s= as one word; "email:tlsrpt" (a list, RFC 6376 §3.6.1)
-    # would make it drop the key.  check_key has judged s= already.
-    dkimpy_record = dkimaccept.without_service_type(record)
-    try:
-        pk = dkim.evaluate_pk(name.encode("ascii"), dkimpy_record)
-    except (dkim.DKIMException, ValueError, IndexError, TypeError, binascii.Error) as e:
-        return dkimpy_record, f"unusable key record: {e}", None
-    return dkimpy_record, None, tuple(pk)
+_SIGNATURE = b"dkim-signature"
 
 
-_prepare_key_cached = functools.lru_cache(maxsize=1024)(_prepare_key)
+def _no_lookup(_name: bytes, timeout: int = 5) -> None:
+    """dkimpy's DNS function: never asked, dkimpy is handed the key."""
+    return None
 
 
-def prepared_key(name: str, record: bytes) -> tuple[bytes, str | None, tuple[Any, ...] | None]:
-    """``_prepare_key`` once per key name and record (bounded LRU): a repeat
-    signer's key costs no base64 decoding and no ASN.1 parse.  The name is
-    part of the cache key because dkimpy's messages may quote it."""
-    if len(record) > dkimaccept.CACHEABLE_RECORD:
-        return _prepare_key(name, record)
-    return _prepare_key_cached(name, record)
+def _dkimpy_verify(d: dkim.DKIM, signature: Signature, key: Key,
+                   field: tuple[bytes, bytes]) -> bool:
+    """dkimpy's hashes and cryptography for one signature, nothing more.
 
-
-def _dkimpy_verify(d: dkim.DKIM, idx: int, pk: tuple[Any, ...], record: bytes) -> bool:
-    """``d.verify(idx=idx)`` with the key ``evaluate_pk`` gave for ``record``.
-
-    What ``DKIM.verify`` does (``verify_headerprep``, then ``verify_sig``:
-    the key lookup and ``evaluate_pk``, then ``verify_sig_process``), minus
-    the lookup and the parse, which ``prepared_key`` did once for this record
-    (and which succeeded, or the signature would not have got here).
+    What ``DKIM.verify`` does after its own parse of the signature
+    (``verify_headerprep``: quadratic over white space in b= and h=, and it
+    would find no field named ``DKIM-Signature :``) and its key lookup: the
+    signature is read by ``dkimaccept.read_signature``, the key by
+    ``judge_key``, and dkimpy is handed both.
     """
-    prep = d.verify_headerprep(idx)
-    if not prep:
-        return False
-    sig, include_headers, sigheaders = prep
-    d.pk, d.keysize, d.ktag, d.seqtlsrpt = pk
-    return bool(d.verify_sig_process(sig, include_headers, sigheaders[idx],
-                                     lambda _name, timeout=5: record))
+    d.pk, d.keysize, d.ktag, d.seqtlsrpt = key.dkimpy
+    return bool(d.verify_sig_process(dict(signature.tags), list(signature.names), field,
+                                     _no_lookup))
 
 
 def check_dkim(
@@ -306,69 +297,54 @@ def check_dkim(
         # an unsigned message (most of them) need not pay that in memory.
         return ()
     head, body = split_message(message)
-    if _field_count(head) > dkimaccept.MAX_HEADER_FIELDS:
-        reason = f"more than {dkimaccept.MAX_HEADER_FIELDS} header fields"
+    if _field_count(head) > limits.MAX_HEADER_FIELDS:
+        reason = f"more than {limits.MAX_HEADER_FIELDS} header fields"
         return tuple(describe(v, "permerror", reason)
                      for v in _signature_values(head, max_signatures))
     try:
-        d = dkim.DKIM(head + b"\r\n\r\n", logger=_dkimpy_log)
-    except (dkim.DKIMException, ValueError, IndexError, TypeError) as e:
-        # "DKIM-Signature : ..." (obsolete syntax, RFC 5322 §4.5.3) is one of
-        # these: dkimpy refuses the whole header, the signature still counts.
+        headers = parse_header(head)
+    except dkim.MessageFormatError as e:
         return tuple(describe(v, "permerror", f"message cannot be parsed: {e}")
                      for v in _signature_values(head, max_signatures))
-    headers = d.headers
-    sig_indexes = [i for i, (n, _) in enumerate(headers) if n.lower() == b"dkim-signature"]
+    dkimcanon.install()  # dkimpy's quadratic steps replaced, before it sees anything
+    d = dkim.DKIM(logger=_dkimpy_log)  # no message: it is handed the parts it uses
+    sig_indexes = [i for i, (n, _) in enumerate(headers) if field_name(n) == _SIGNATURE]
     bodies: dict[bytes, bytes] = {}
-    results = []
-    for sig_index in sig_indexes[:max_signatures]:
-        results.append(_verify_one(resolver, budget, d, headers, sig_index, body, bodies))
-    return tuple(results)
+    return tuple(_verify_one(resolver, budget, d, headers, sig_index, body, bodies)
+                 for sig_index in sig_indexes[:max_signatures])
 
 
 def _verify_one(
     resolver: Resolver,
     budget: Budget,
     d: dkim.DKIM,
-    headers: list[list[bytes]],
+    headers: list[tuple[bytes, bytes]],
     sig_index: int,
     body: bytes,
     bodies: dict[bytes, bytes],
 ) -> DkimResult:
-    """One signature: our rules, the key lookup, then dkimpy's cryptography."""
+    """One signature: the rules on its tags, the key lookup, the rules on
+    the key, then dkimpy's hashes and cryptography."""
     value = headers[sig_index][1]
+    signature = dkimaccept.read_signature(value)
+    if isinstance(signature, Refusal):
+        return describe(value, signature.result, signature.reason)
     try:
-        tags = parse_tag_value(value)
-        # dkimpy's own checks of the tags (missing, malformed, expired):
-        # RFC 6376 §6.1.1 PERMFAIL, judged without a key.
-        dkim.validate_signature_fields(tags)
-    except (InvalidTagValueList, dkim.DKIMException, ValueError, IndexError, TypeError) as e:
-        return describe(value, "permerror", f"signature cannot be used: {e}")
-    refusal = dkimaccept.check_signature(tags)
-    if refusal is not None:
-        return describe(value, refusal.result, refusal.reason)
-    name = _key_name(tags)
-    if name is None:
-        return describe(value, "permerror", "d= or s= is not a domain name")
-    try:
-        record = resolver.dkim_dnsfunc(budget)(name)
+        record = resolver.dkim_dnsfunc(budget)(signature.key_name)
     except TempFail as e:
         return describe(value, "temperror", f"key lookup: {e}")
     if record is None:
         return describe(value, "permerror", "no key record")
-    refusal = dkimaccept.check_key(tags, record)
-    if refusal is not None:
-        return describe(value, refusal.result, refusal.reason)
-    dkimpy_record, problem, pk = prepared_key(name, record)
-    if problem is not None or pk is None:
-        return describe(value, "permerror", problem or "unusable key record")
-    algorithm = _body_algorithm(tags)
+    key = dkimaccept.judge_key(signature, record)
+    if isinstance(key, Refusal):
+        return describe(value, key.result, key.reason)
+    algorithm = signature.body_algorithm
     if algorithm not in bodies:
         bodies[algorithm] = canonical_body(body, algorithm)
     d.body = bodies[algorithm]
-    d.headers, idx = _fields_for(headers, sig_index, dkimaccept.signed_fields(tags))
+    d.headers, _ = _fields_for(headers, sig_index, list(signature.names))
     try:
-        ok = _dkimpy_verify(d, idx, pk, dkimpy_record)
+        ok = _dkimpy_verify(d, signature, key, headers[sig_index])
     except dkim.ValidationError as e:
         # After the key: a body hash mismatch and its kin.
         return describe(value, "fail", str(e))
@@ -385,3 +361,5 @@ def _verify_one(
     if ok:
         return describe(value, "pass", "signature verified")
     return describe(value, "fail", "signature did not verify")
+
+

@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from . import authresults, dkimaccept, dkimcanon
+from . import authresults, dkimaccept, dkimcanon, limits
 from .config import Config
 from .dkimcheck import check_dkim, unverified
 from .iprev import check_iprev
@@ -247,7 +247,8 @@ class Engine:
     def spf(self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None,
             budget: Budget | None = None) -> SpfResult:
         with self.metrics.timed("spf"):
-            return check_spf(self._resolver, addr, mail_from, helo, budget or self.budget(trace))
+            return check_spf(self._resolver, addr, mail_from, helo, budget or self.budget(trace),
+                             void_limit=self._cfg.spf_void_lookup_limit)
 
     def dkim(self, message: bytes, trace: list[str] | None = None,
              budget: Budget | None = None) -> tuple[DkimResult, ...]:
@@ -269,12 +270,14 @@ class Engine:
 
     def end_of_message(
         self, session: Session, iprev: Check[IprevResult] | None, spf: Check[SpfResult] | None,
-        msg: Message, trace: list[str] | None = None,
+        msg: Message, trace: list[str] | None = None, budget: Budget | None = None,
     ) -> tuple[IprevResult, SpfResult, tuple[DkimResult, ...]]:
         """The end-of-message stage under one deadline (SPEC §1): DKIM is
         verified here while SPF may still run in the pool, then the waits for
-        SPF and the PTR check share what is left of one StageTimeout."""
-        budget = Budget(self._cfg.stage_timeout, trace)
+        SPF and the PTR check share what is left of one StageTimeout.
+        ``budget``: that deadline, when the caller spends the rest of it
+        (From-aligned mode's _dmarc lookups)."""
+        budget = budget or Budget(self._cfg.stage_timeout, trace)
         dkim = self.dkim_of(msg, budget)
         spf_result = session.wait(spf, SPF_UNFINISHED, budget.deadline)
         iprev_result = session.wait(iprev, IPREV_UNFINISHED, budget.deadline)
@@ -317,6 +320,10 @@ class Message:
         self.chunks: list[bytes] = []
         self._sigs: list[bytes] = []  # the topmost signatures, kept past the limits
         self.signed = False  # a DKIM-Signature field was seen
+        # From fields for From-aligned mode, kept past the limits like the
+        # signatures: two at most (a second one already means "no From
+        # domain"), each cut just past the length the parser reads.
+        self.from_values: list[bytes] = []
         self.ar_count = 0  # Authentication-Results fields seen
         self._ours = array("I")  # 1-based indexes of those claiming our authserv-id
         self.fields = 0
@@ -325,7 +332,10 @@ class Message:
         self.too_many_fields = False
 
     def header(self, name: str, value: bytes) -> None:
-        lname = name.lower()
+        # A name may end in white space before its colon (RFC 5322 §4.5.8
+        # obs-optional): "DKIM-Signature :" is a signature, "Authentication-
+        # Results :" a field to delete (Postfix counts it as one too).
+        lname = name.rstrip(" \t").lower()
         if lname == "authentication-results":
             self.ar_count += 1
             if authresults.authserv_id_of(value.decode("utf-8", "replace")) == self._our_id:
@@ -334,6 +344,8 @@ class Message:
             self.signed = True
             if len(self._sigs) < self.max_signatures:
                 self._sigs.append(value)
+        if lname.rstrip(" \t") == "from" and len(self.from_values) < limits.FROM_FIELDS_KEPT:
+            self.from_values.append(value[: limits.FROM_FIELD_MAX + 1])
         self.fields += 1
         n = len(name) + len(self._sep) + len(value) + 2
         if b"\n" in value:  # folded: counted with CRLF line ends, as rebuilt

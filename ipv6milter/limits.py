@@ -12,12 +12,158 @@ from __future__ import annotations
 
 # -- header fields the milter parses (DKIM-Signature, Authentication-Results, From) ------
 
+# Header fields of one message handed to DKIM verification.  Real mail has
+# tens, a long mailing-list trail about a hundred; the engine keeps no more
+# fields than this (each one costs ~150 bytes of Python objects).  Past it:
+# every signature is permerror ("more than 1000 header fields", the message's
+# own fault) and the header is not parsed at all.
+MAX_HEADER_FIELDS = 1000
+
+# DKIM-Signature: MAX_SIGNATURE_FIELD below (DKIM section).
+#
+# Authentication-Results: no size limit of its own, on purpose.  RFC 8601 §5
+# says every field claiming our authserv-id is deleted; a bound past which the
+# field were not read would let a forged field hide our id behind a long
+# comment and survive.  Only its authserv-id is read, in one pass that stops
+# there (authresults.authserv_id_of: linear, comments nested to any depth);
+# the field itself is bounded by MaxMessageSize and the MTA's line limits.
+#
+# From: the alignment section's (rows_align).
+
 # -- message body as canonicalization sees it --------------------------------------------
+
+# Body lines have no length limit of their own: RFC 5322's 998 characters is
+# broken by real mail (long HTML lines), and a limit would make such a message
+# unverifiable.  Canonicalization is linear in the body (dkimcanon: each run
+# of white space scanned once), and the body is bounded by MaxMessageSize.
+#
+# A body that ends in more empty (relaxed: blank) lines than this many bytes
+# has them cut to one before dkimpy sees it: both canonicalizations ignore
+# trailing empty lines (RFC 6376 §3.4.3, §3.4.4), so the body hash is
+# unchanged, while dkimpy strips them one Python step at a time.
+BODY_EMPTY_TAIL = 4096
 
 # -- DKIM signatures and keys ------------------------------------------------------------
 
+# Bytes of one DKIM-Signature value.  How chosen: the largest a real signer
+# writes is a few KB -- b= of an 8192-bit key (the largest accepted) is 1,366
+# characters, h= with MAX_SIGNED_FIELDS names under 2 KB, the other tags a
+# few hundred bytes, and z= (copies of the signed fields, a diagnostic tag
+# few signers add) a few KB more; common signatures are 0.5 to 1 KB.
+# 16 KiB leaves several times the largest.
+# Past it the signature is permerror ("signature cannot be used: field over
+# 16384 bytes", RFC 6376 §6.1.1: a malformed signature), before any tag is
+# read, without a key lookup.  Every step over the value is linear anyway;
+# the bound keeps five such signatures a message cheap.
+MAX_SIGNATURE_FIELD = 16 * 1024
+
+# Names in one signature's h=.  Real signers name 10 to 40 fields
+# (oversigning included); dkimpy's own default signs fewer than 30.  Past it:
+# permerror ("h= names more than 64 fields"), no key lookup.
+MAX_SIGNED_FIELDS = 64
+
+# RSA keys: RFC 8301 §3.2 forbids keys under 1024 bits; over 8192 bits, or an
+# exponent over 2^32 (real keys use 65537), one verification cost seconds of
+# CPU.  Past them: policy ("RSA key of N bits is not acceptable ..."), the
+# key is never handed to the crypto code.
+RSA_MIN_BITS = 1024
+RSA_MAX_BITS = 8192
+RSA_MAX_EXPONENT = 2**32
+
 # -- DNS answers (PTR, A/AAAA, MX, SPF TXT, DKIM key TXT, _dmarc TXT) ----------------------
 
+# RFC 1035 §2.3.4: a label is at most 63 octets, a name at most 255 on the wire,
+# which is 253 characters of text without the final dot.  Names from the wire are
+# held to this by dnspython; names written in text (an SPF domain-spec) are held to
+# it before pyspf reads them: its domain-spec check (RE_TOPLAB) backtracks
+# quadratically over a long label (a 60,000-letter label: ~40 s of CPU in one
+# regex call).  Past it: SPF permerror (RFC 7208 §4.6: the record is malformed; the
+# openspf suite's invalid-domain-long accepts permerror).
+DNS_LABEL_CHARS = 63
+DNS_NAME_CHARS = 253
+
+# Records in one answer.  Real answers hold tens (a busy domain's apex TXT set,
+# a round-robin address set); a 64 KiB TCP answer holds up to ~2,300 AAAA or
+# ~65,000 TXT strings.  Past it the answer is no data (no PTR, no address, no
+# SPF record) -- never a temporary failure: asking again gives the same answer.
+DNS_ANSWER_RECORDS = 256
+
+# Bytes of record data in one answer (TXT strings with their length octets,
+# names and addresses as on the wire).  Real answers hold a few KiB; past it,
+# no data, as above.
+DNS_ANSWER_BYTES = 32 * 1024
+
+# DNS messages parsed for one SMTP stage (the wire bytes of every response,
+# all sections, cache misses only).  dnspython parses a 64 KiB response in
+# ~0.1 s of CPU whatever the answer holds (padding in the additional section
+# too), and one SPF evaluation may make ~110 lookups (10 mx terms of 10 names
+# each): 16 s of CPU for one MAIL FROM.  Real stages parse a few KiB to a few
+# tens of KiB (SPF includes of big senders, a DKIM key); 128 KiB lets a hostile
+# zone make at most three such responses parsed (~0.4 s).  Past it the stage asks
+# nothing more: SPF is permerror (RFC 7208 §4.6.4 lets a verifier limit its
+# processing), any other lookup is no data.
+DNS_STAGE_BYTES = 128 * 1024
+
+# One TXT record (its character-strings joined, RFC 7208 §3.3, RFC 6376 §3.6.2.2):
+# an 8192-bit DKIM key is ~1,500 bytes, an SPF record SHOULD fit 450 (RFC 7208
+# §3.4) and real ones stay under 1 KiB; 8 KiB leaves room for keys with notes
+# (dkimaccept remembers records up to 4 KiB and reads larger ones each time).
+# Strings: a record split in the usual 255-byte strings needs 33 for 8 KiB; 128
+# leaves room for odd splitting, where a TXT of 65,000 one-byte strings cost
+# ~0.5 MiB of Python objects.  Past either: a record starting "v=spf1" is SPF
+# permerror (malformed); any other record is left out of the answer (a DKIM key
+# so is "no key", permerror; an exp= text so is "no explanation", RFC 7208 §6.2).
+TXT_RECORD_BYTES = 8192
+TXT_RECORD_STRINGS = 128
+
+# Text handed to pyspf's macro expansion (a domain-spec, an exp= explanation,
+# an unknown modifier's value): its syntax check searches the whole text once per
+# dot, O(dots x length), and its macro pattern scans to the end from every
+# unclosed "%{".  At 512 characters that is at most ~0.1 ms; past it: SPF
+# permerror for a term of the record (malformed), no explanation for exp= text.
+SPF_MACRO_STRING_CHARS = 512
+
 # -- the DNS answer cache ----------------------------------------------------------------
+
+# The answer cache of one worker process (resolver._AnswerCache), in bytes of
+# Python objects as estimated from each answer (resolver.estimated_bytes, which
+# tests hold above tracemalloc's measure).  With long TTLs and SPF macros one
+# sender can make a worker ask for any number of distinct names, each answer up to
+# the bounds above: the budget caps what they keep alive.  32 MiB holds ~30,000
+# ordinary answers (about 1 KiB each), several hours of a busy MX's lookups; past
+# it the least recently used answers are dropped.
+DNS_CACHE_BYTES = 32 * 1024 * 1024
+
+# One answer's share of it: a larger answer is used but not kept (asked again
+# next time).  Ordinary answers estimate at 0.5-15 KiB (an 8192-bit DKIM key
+# ~2.5 KiB, a large apex TXT set ~15 KiB); the largest allowed answer above
+# estimates near 100 KiB.
+DNS_CACHE_ENTRY_BYTES = 64 * 1024
+
+# Entries, whatever their size: each costs a dict slot besides its own estimate.
+DNS_CACHE_ENTRIES = 20000
+
+# -- From-aligned mode: the From field and the _dmarc TXT records ------------------------
+
+# Bytes of one From field value the alignment parser reads (RFC 5322 §3.6.2).
+# A From field names one author in nearly all mail and is well under RFC 5322's
+# 998-octet line; 16 KiB leaves room for a long folded list of mailboxes.  Past
+# it the field is malformed input: there is no From domain (nothing aligned),
+# and the parser never sees the field.
+FROM_FIELD_MAX = 16 * 1024
+
+# From fields kept per message.  One is the rule (RFC 5322 §3.6: exactly one);
+# a second means "no single From domain", so nothing more is worth keeping.
+FROM_FIELDS_KEPT = 2
+
+# Bytes of one _dmarc TXT record (its strings joined) read for the tree walk
+# (RFC 9989 §4.10).  Real DMARC records are a few hundred bytes (a policy and
+# a handful of report addresses) and fit a UDP answer; a longer one is not
+# read: it is not a DMARC record (no data), never a temporary failure.
+DMARC_RECORD_MAX = 8 * 1024
+
+# _dmarc queries of one tree walk: RFC 9989 §4.10's own bound, whatever the
+# number of labels of the name walked.
+DMARC_WALK_QUERIES = 8
 
 # -- CPU: the last line of defence for what no bound above foresaw -----------------------

@@ -5,7 +5,10 @@ A value is written bare when it is non-empty and holds no space, ``"``,
 escaped.  Control characters never reach a line (they are replaced by
 ``?`` before quoting), so one decision is always one physical line, and
 ``parse(format(fields)) == fields`` for every value a client can send:
-a hostile HELO cannot add or change a field.
+a hostile HELO cannot add or change a field.  Bytes that are not UTF-8
+(pymilter hands them over as lone surrogates) are written as the text
+``\\xNN``, so that the line is UTF-8 that every log destination takes,
+syslog included (SPEC §4); ``printable`` does the same for any log line.
 
 A decision line is ``decision `` followed by the pairs; whatever a log
 system puts in front (a syslog prefix, the level of the stderr format) is
@@ -24,16 +27,31 @@ MAX_VALUE = 200  # characters of one value kept in a line (a HELO can be 64 KiB)
 # C0 and C1 controls and the Unicode line separators: nothing that a log
 # reader could take for the end of a line.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
 _PAIR = re.compile(r'([^ ="]+)=("(?:[^"\\]|\\.)*"|[^ "]*)')
 _UNESCAPE = re.compile(r"\\(.)")
+
+
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a byte that was not UTF-8 (a lone
+    surrogate from ``surrogateescape``) becomes the four characters ``\\xNN``,
+    any other lone surrogate ``\\udNNN``; everything else is left alone."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub(_escape_surrogate, text)
+
+
+def _escape_surrogate(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 def value(v: object) -> str:
     """One value as written: ``-`` for nothing, quoted when it must be."""
     if v is None or v == "":
         return MISSING
-    text = _CONTROL.sub("?", str(v))[:MAX_VALUE]
+    text = printable(_CONTROL.sub("?", str(v)))[:MAX_VALUE]
     if _NEEDS_QUOTES.search(text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text

@@ -16,7 +16,7 @@ from typing import Any
 
 import Milter
 
-from . import authresults, logfmt, policy, spfcheck
+from . import alignment, authresults, logfmt, policy, spfcheck
 from .engine import IPREV_UNFINISHED, SPF_UNFINISHED, Check, Engine, Message
 from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
 
@@ -233,25 +233,30 @@ class Ipv6Milter(Milter.Base):
         msg = self.msg if self.msg is not None else self._new_message()
         authserv_id = msg.authserv_id
         stamp = self._checks_wanted()
-        iprev = spf = None
+        iprev = spf = aligned = None
         dkim: tuple[DkimResult, ...] = ()
         verdict = ACCEPT
         if stamp:
             assert self.addr is not None
             with metrics.timed("message"):
+                budget = self.engine.budget()
                 iprev, spf, dkim = self.engine.end_of_message(
-                    self.session, self.iprev_chk, self.spf_chk, msg)
+                    self.session, self.iprev_chk, self.spf_chk, msg, budget=budget)
+                if cfg.alignment != "off":  # the _dmarc walks spend the same deadline
+                    aligned = alignment.evaluate(self.engine.resolver, cfg.alignment,
+                                                 msg.from_values, spf, dkim, budget)
             metrics.results.labels("iprev", iprev.result.value).inc()
             metrics.results.labels("spf", spf.result).inc()
             for r in dkim or (DkimResult("none"),):
                 metrics.results.labels("dkim", r.result).inc()
             if self.scope.in_scope and self.opted_in:
-                verdict = policy.decide_eom(cfg, self.addr, spf, dkim)
+                verdict = policy.decide_eom(cfg, self.addr, spf, dkim, aligned)
                 metrics.decision("eom", verdict)
         dkim_log = (",".join(r.result for r in dkim) or "none") if stamp else None
         self._log("eom", verdict, start, rcpt_domain=self._rcpt_domains(),
                   iprev=iprev.result if iprev else None, ptr=_ptr(iprev),
-                  spf=spf.result if spf else None, dkim=dkim_log)
+                  spf=spf.result if spf else None, dkim=dkim_log,
+                  **alignment.log_fields(cfg.alignment, aligned, spf, dkim))
         if verdict.refuses:
             return self._refuse(verdict.reply)
         if self.scope is not Scope.TRUSTED:
@@ -260,7 +265,7 @@ class Ipv6Milter(Milter.Base):
                 self.chgheader(authresults.FIELD, idx, "")
         if stamp:
             addr = policy.effective_address(self.addr) if self.addr else None
-            value = authresults.build(authserv_id, addr, iprev, spf, dkim)
+            value = authresults.build(authserv_id, addr, iprev, spf, dkim, aligned)
             if self._protocol & Milter.P_HDR_LEADSPC:
                 value = " " + value  # with leading-space mode we supply the space
             self.addheader(authresults.FIELD, value, 0)

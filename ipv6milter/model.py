@@ -74,6 +74,35 @@ class DkimResult:
     detail: str = ""
 
 
+class Aligned(enum.StrEnum):
+    """Whether one identifier's domain is aligned with the From domain (RFC 9989)."""
+
+    YES = "aligned"
+    NO = "not aligned"
+    UNKNOWN = "unknown"  # a temporary DNS failure left it open
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """From-aligned mode's facts for one message (SPEC §1, ``Alignment``).
+
+    ``from_domain`` is the From domain (A-label, lower case), or None when
+    there is no single one (``from_problem`` says why).  ``spf`` is the
+    alignment of SPF's domain, ``dkim`` that of each signature's ``d=``, in
+    the order of the DKIM results; only passing and temporarily failed
+    results are judged (the others stay ``NO``: they cannot pass anyway).
+    """
+
+    mode: str  # "relaxed" or "strict"
+    from_domain: str | None
+    from_problem: str = ""
+    spf: Aligned = Aligned.NO
+    dkim: tuple[Aligned, ...] = ()
+
+    def of_dkim(self, i: int) -> Aligned:
+        return self.dkim[i] if i < len(self.dkim) else Aligned.NO
+
+
 @dataclass(frozen=True)
 class Reply:
     """An SMTP reply, split as libmilter's setreply() wants it."""

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from .config import Config, normalise_domain
 from .model import (
     ACCEPT,
+    Aligned,
+    Alignment,
     DkimResult,
     IPAddress,
     Iprev,
@@ -60,6 +62,17 @@ def not_authenticated(addr: IPAddress) -> Reply:
         "4.7.26",
         f"Service unavailable, message sent over IPv6 [{addr}] must pass either SPF "
         "or DKIM validation.",
+    )
+
+
+def not_aligned(addr: IPAddress) -> Reply:
+    # From-aligned mode keeps the code and the enhanced code and names the
+    # rule; the From domain is the sender's text and is not echoed (SPEC §1).
+    return Reply(
+        "450",
+        "4.7.26",
+        f"Service unavailable, message sent over IPv6 [{addr}] must pass either SPF "
+        "or DKIM validation aligned with the From domain.",
     )
 
 
@@ -196,13 +209,17 @@ def decide_rcpt(cfg: Config, addr: IPAddress, domain: str, iprev: IprevResult | 
 
 
 def decide_eom(
-    cfg: Config, addr: IPAddress, spf: SpfResult | None, dkim: Sequence[DkimResult]
+    cfg: Config, addr: IPAddress, spf: SpfResult | None, dkim: Sequence[DkimResult],
+    alignment: Alignment | None = None,
 ) -> Verdict:
     """SPF pass or one verified DKIM signature; a temporary error that decides is 4.4.3.
 
     ``spf`` None stands for an SPF check that did not finish in time.
+    ``alignment``: the facts of From-aligned mode (None: ``Alignment off``).
     """
     spf_result = spf.result if spf is not None else "temperror"
+    if alignment is not None:
+        return _decide_aligned(cfg, addr, spf_result, dkim, alignment)
     if spf_result == "pass" or any(r.result == "pass" for r in dkim):
         return ACCEPT
     if spf_result == "temperror" or any(r.result == "temperror" for r in dkim):
@@ -211,6 +228,67 @@ def decide_eom(
             "SPF or DKIM key lookup failed temporarily",
         )
     return _verdict(cfg, addr, not_authenticated(addr), "neither SPF nor DKIM passed")
+
+
+def _aligned_pass(spf_result: str, dkim: Sequence[DkimResult],
+                  alignment: Alignment) -> tuple[bool, bool]:
+    """Whether SPF, and whether some DKIM signature, passes aligned."""
+    spf_ok = spf_result == "pass" and alignment.spf is Aligned.YES
+    dkim_ok = any(r.result == "pass" and alignment.of_dkim(i) is Aligned.YES
+                  for i, r in enumerate(dkim))
+    return spf_ok, dkim_ok
+
+
+def _open_by_dns(spf_result: str, dkim: Sequence[DkimResult], alignment: Alignment) -> str:
+    """What a temporary DNS failure leaves open, when no pass is known to be
+    aligned (SPEC §1): a pass whose alignment is unknown, or an SPF or DKIM
+    key temperror on a domain aligned or of unknown alignment.  A temporary
+    failure on a domain known not to be aligned decides nothing.  "" when
+    nothing is open."""
+    if spf_result == "pass" and alignment.spf is Aligned.UNKNOWN:
+        return "alignment"
+    if any(r.result == "pass" and alignment.of_dkim(i) is Aligned.UNKNOWN
+           for i, r in enumerate(dkim)):
+        return "alignment"
+    if spf_result == "temperror" and alignment.spf is not Aligned.NO:
+        return "SPF"
+    if any(r.result == "temperror" and alignment.of_dkim(i) is not Aligned.NO
+           for i, r in enumerate(dkim)):
+        return "DKIM"
+    return ""
+
+
+def aligned_summary(spf: SpfResult | None, dkim: Sequence[DkimResult],
+                    alignment: Alignment) -> str:
+    """The decision log's ``aligned=`` (SPEC §4): ``spf``, ``dkim``,
+    ``spf,dkim``, ``none``, or ``unknown`` when a temporary DNS failure
+    leaves the outcome open."""
+    spf_result = spf.result if spf is not None else "temperror"
+    spf_ok, dkim_ok = _aligned_pass(spf_result, dkim, alignment)
+    words = [w for w, ok in (("spf", spf_ok), ("dkim", dkim_ok)) if ok]
+    if words:
+        return ",".join(words)
+    return "unknown" if _open_by_dns(spf_result, dkim, alignment) else "none"
+
+
+def _decide_aligned(cfg: Config, addr: IPAddress, spf_result: str, dkim: Sequence[DkimResult],
+                    alignment: Alignment) -> Verdict:
+    """From-aligned mode (SPEC §1): a pass counts only when its domain is
+    aligned with the From domain (RFC 9989 identifier alignment)."""
+    if any(_aligned_pass(spf_result, dkim, alignment)):
+        return ACCEPT
+    cause = _open_by_dns(spf_result, dkim, alignment)
+    if cause == "alignment":
+        return _verdict(cfg, addr, dns_tempfail("alignment with the From domain", addr),
+                        "_dmarc lookup failed temporarily: alignment of a pass unknown")
+    if cause:
+        return _verdict(cfg, addr, dns_tempfail("SPF and DKIM", addr),
+                        f"{cause} failed temporarily on a domain not known to be unaligned")
+    if alignment.from_domain is None:
+        why = f"no single From domain ({alignment.from_problem})"
+    else:
+        why = f"no SPF or DKIM pass aligned with the From domain ({alignment.mode})"
+    return _verdict(cfg, addr, not_aligned(addr), why)
 
 
 # -- staged enforcement -----------------------------------------------------------------

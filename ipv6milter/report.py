@@ -57,6 +57,7 @@ MAX_LINE = 1 << 20
 MAX_FIELD = 200  # characters of a value kept in a key (logfmt writes no more)
 DEFAULT_MAX_KEYS = 10_000
 OTHER = "(other)"
+ALIGNED_REPLY = "450 4.7.26 aligned"
 NO_PTR = "no PTR"
 
 # What each enhanced code means, for the text table.
@@ -64,6 +65,7 @@ MEANING = {
     "5.2.1": "recipient domain not opted in (AcceptDomains)",
     "4.7.25": "no valid reverse DNS (PTR)",
     "4.7.26": "neither SPF nor DKIM passed",
+    "4.7.26 aligned": "no SPF/DKIM pass aligned with the From domain",
     "4.4.3": "temporary DNS failure",
     "4.3.0": "internal error",
 }
@@ -312,6 +314,11 @@ class Report:
             return
         status, reply = ("refused", fields["reply"]) if refused else ("would refuse", would)
         reply = reply[:MAX_FIELD]
+        if stage == "eom" and reply == "450 4.7.26" and fields.get("alignment", "-") != "-":
+            # From-aligned mode's refusal keeps 4.7.26 (SPEC §1) but is a rule
+            # of its own: an administrator turning Alignment on needs to see
+            # what it adds to the refusals.
+            reply = ALIGNED_REPLY
         self.replies.add((status, stage, reply), t)
         self.senders.add(
             (status, reply, _v(fields, "from_domain"), self._network(fields["client"][:MAX_FIELD]),
@@ -393,12 +400,27 @@ def _dkim(fields: dict[str, str]) -> str:
 
 # -- output ------------------------------------------------------------------------------
 
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\ud7ff\ue000-\ufffd]")
+# What must not reach a terminal as itself (SPEC §3): C0 and C1 controls,
+# the Unicode format characters (the bidirectional embeddings, overrides and
+# isolates U+202A-U+202E and U+2066-U+2069 that reorder what follows them, the
+# marks, zero-width characters, the byte order mark), line and paragraph
+# separators, surrogates, and everything past the BMP (its tag characters are
+# invisible too).
+_ESCAPED = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\ud800-\udfff\ufeff\ufff9-\ufffb\U00010000-\U0010ffff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    n = ord(m.group())
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def _cell(value: object, width: int = 48) -> str:
-    """Text for a terminal: nothing that moves the cursor, long names shortened."""
-    s = _UNPRINTABLE.sub("?", str(value))
+    """Text for a terminal: every control and bidi character escaped (shown as
+    ``\\u202e``, so that what a sender wrote is seen, not obeyed), long
+    names shortened."""
+    s = _ESCAPED.sub(_escape, str(value))
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
@@ -435,7 +457,7 @@ def write_text(rep: Report, out: TextIO, top: int) -> None:
     out.write("\nRefusals by reply (refused: sent to the client; would refuse: Mode monitor "
               "or outside EnforceShare)\n")
     rows = [(s, st, r, _fmt(row[0]), _short_time(row[1]), _short_time(row[2]),
-             MEANING.get(r.split(" ")[-1], ""))
+             MEANING.get(r.split(" ", 1)[-1], ""))
             for (s, st, r), row in rep.replies.top(0)]
     if rep.replies.other[0]:
         o = rep.replies.other
@@ -529,20 +551,41 @@ CSV_COLUMNS = ("section", "status", "stage", "reply", "from_domain", "network", 
                "iprev", "spf", "dkim", "count", "would_refuse", "first_seen", "last_seen")
 
 
+# A cell a spreadsheet would take for a formula (OWASP "CSV injection"):
+# "=cmd|' /C calc'!A0" in a sender's domain must stay text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """``value`` as a csv cell that stays data: a text starting with ``=``,
+    ``+``, ``-``, ``@``, tab or CR gets a single quote in front (the OWASP
+    rule); ``-``, this report's "nothing", is left as it is (a lone minus is
+    no formula)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and value != "-":
+        return "'" + value
+    return value
+
+
 def write_csv(rep: Report, out: TextIO, top: int) -> None:
     """One table: a ``section`` column says which part of the report a row is."""
-    w = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+    # RFC 4180's CRLF: the csv module quotes a value holding any character of
+    # the line terminator, so a CR in a sender's text cannot end the row.
+    w = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\r\n")
     w.writeheader()
     d = as_dict(rep, top)
+
+    def row(values: dict[str, Any]) -> None:
+        w.writerow({k: csv_cell(v) for k, v in values.items()})
+
     for key in ("lines", "decisions", "unparsed", "out_of_range", "untimed", "messages",
                 "accepted"):
-        w.writerow({"section": "summary", "status": key, "count": d[key]})
+        row({"section": "summary", "status": key, "count": d[key]})
     for r in d["replies"]:
-        w.writerow({"section": "reply", **r})
+        row({"section": "reply", **r})
     for r in d["senders"]:
-        w.writerow({"section": "sender", **r})
+        row({"section": "sender", **r})
     for r in d["accepted_mix"]:
-        w.writerow({"section": "accepted", "count": r.pop("messages"), **r})
+        row({"section": "accepted", "count": r.pop("messages"), **r})
 
 
 # -- the command -----------------------------------------------------------------------

@@ -8,6 +8,12 @@ one TTL-respecting cache and one notion of failure:
   (an empty list), never a ``TempFail``: asking again cannot help;
 * a timeout, SERVFAIL, REFUSED or no reachable server is ``TempFail``.
 
+Every answer is bounded before a check reads it (``limits``, "DNS answers"):
+an answer with more records or more record data than a real one holds is no
+data; a TXT record too long or in too many strings is left out (and for
+pyspf, an SPF record so is ``permerror``).  The answer cache is bounded in
+bytes (``DNS_CACHE_BYTES``), each answer's size estimated when it is put.
+
 Time is bounded twice (SPEC §1): each lookup by ``DNSTimeout``, and all
 lookups of one SMTP stage by a ``Budget`` of ``StageTimeout`` seconds.  A
 spent budget is a ``TempFail`` too.
@@ -26,7 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,6 +47,7 @@ import dns.resolver
 import dns.reversename
 import spf
 
+from . import limits
 from .config import a_labels
 from .model import IPAddress
 
@@ -61,6 +68,10 @@ class Budget:
     def __init__(self, seconds: float, trace: list[str] | None = None):
         self.deadline = time.monotonic() + seconds
         self.trace = trace
+        self.dns_bytes = 0  # DNS messages parsed for this stage (limits.DNS_STAGE_BYTES)
+
+    def over_dns_bytes(self) -> bool:
+        return self.dns_bytes > limits.DNS_STAGE_BYTES
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -86,8 +97,9 @@ class Resolver:
         self,
         nameservers: tuple[tuple[str, int], ...] = (),
         timeout: float = 5.0,
-        cache_size: int = 20000,
+        cache_size: int = limits.DNS_CACHE_ENTRIES,
         on_cache: Callable[[bool], None] | None = None,
+        cache_bytes: int = limits.DNS_CACHE_BYTES,
     ):
         self.timeout = timeout
         if nameservers:
@@ -102,7 +114,7 @@ class Resolver:
         r.cache = None
         self._r = r
         self._on_cache = on_cache
-        self._answers = _AnswerCache(cache_size)
+        self._answers = _AnswerCache(cache_size, cache_bytes)
 
     # -- the one query primitive ------------------------------------------
 
@@ -133,12 +145,19 @@ class Resolver:
                 budget.note(f"{name} {rdtype}: NXDOMAIN")
                 return []
             return self._answered(name, rdtype, items, budget)
+        if budget.over_dns_bytes():
+            # Each response costs its parsing whatever we keep of it: past the
+            # stage's share nothing more is asked (no data, never a TempFail).
+            budget.note(f"{name} {rdtype}: not asked (this stage's DNS answers passed "
+                        f"{limits.DNS_STAGE_BYTES} bytes)")
+            return []
         try:
             answer = self._r.resolve(
                 name, rdtype, search=False, lifetime=lifetime, raise_on_no_answer=False
             )
         except dns.resolver.NXDOMAIN as e:
             budget.note(f"{name} {rdtype}: NXDOMAIN")
+            budget.dns_bytes += _nxdomain_bytes(e)
             self._answers.put(key, True, (), _nxdomain_expiry(e))
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
@@ -148,6 +167,7 @@ class Resolver:
             dns.name.NameTooLong,
             dns.name.LabelTooLong,
             dns.name.EmptyLabel,
+            dns.name.BadEscape,  # "a\" from a HELO expanded by SPF's %{h}
             dns.name.IDNAException,
             dns.resolver.YXDOMAIN,
             dns.resolver.NoRootSOA,
@@ -160,11 +180,20 @@ class Resolver:
             # a retry may well succeed, and nothing is turned into a pass.
             budget.note(f"{name} {rdtype}: error ({type(e).__name__})")
             raise TempFail(f"{name} {rdtype}: {type(e).__name__}: {e}") from None
+        budget.dns_bytes += _response_bytes(getattr(answer, "response", None))
         rrset = answer.rrset
         items = tuple(rrset) if rrset is not None else ()
+        over = over_answer_bounds(items)
+        if over:
+            # Kept as what it is to a check: no data (cheap to keep, and asking
+            # again would give the same answer).
+            budget.note(f"{name} {rdtype}: answer ignored ({over})")
+            items = ()
         # Answer.expiration: the smallest TTL of the answer, or for no data
         # the SOA's negative TTL (RFC 2308).
         self._answers.put(key, False, items, getattr(answer, "expiration", None))
+        if over:
+            return []
         return self._answered(name, rdtype, items, budget)
 
     @staticmethod
@@ -195,8 +224,18 @@ class Resolver:
         return out
 
     def txt(self, name: str, budget: Budget) -> list[bytes]:
-        """TXT records, each one's character-strings joined (RFC 7208 §3.3)."""
-        return [b"".join(r.strings) for r in self.query(name, "TXT", budget)]
+        """TXT records, each one's character-strings joined (RFC 7208 §3.3);
+        a record over the TXT bounds is left out (it cannot be a valid key or
+        policy record)."""
+        out = []
+        for r in self.query(name, "TXT", budget):
+            joined = txt_record(r.strings)
+            if joined is None:
+                budget.note(f"{name} TXT: a record over {limits.TXT_RECORD_BYTES} bytes "
+                            f"or {limits.TXT_RECORD_STRINGS} strings left out")
+            else:
+                out.append(joined)
+        return out
 
     # -- front ends for the libraries ---------------------------------------
 
@@ -248,6 +287,89 @@ def _cache_name(name: str | dns.name.Name) -> str:
     return (text[:-1] if text.endswith(".") else text).lower()
 
 
+def txt_record(strings: Sequence[bytes]) -> bytes | None:
+    """A TXT record's strings joined, or None past ``TXT_RECORD_STRINGS`` or
+    ``TXT_RECORD_BYTES``."""
+    if len(strings) > limits.TXT_RECORD_STRINGS:
+        return None
+    joined = b"".join(strings)
+    return joined if len(joined) <= limits.TXT_RECORD_BYTES else None
+
+
+def _pieces(r: Any) -> tuple[int, int]:
+    """(pieces, bytes) of one record's data: a TXT record's strings, a
+    name's labels (PTR, CNAME, MX), or one address (its text)."""
+    strings = getattr(r, "strings", None)
+    if strings is not None:
+        return len(strings), sum(map(len, strings))
+    target = getattr(r, "target", None) or getattr(r, "exchange", None)
+    if target is not None:
+        labels = target.labels
+        return len(labels), sum(map(len, labels))
+    address = getattr(r, "address", None)
+    return 1, len(address) if isinstance(address, str) else 255
+
+
+def _response_bytes(response: Any) -> int:
+    """The size of a parsed DNS message: its wire length where dnspython keeps
+    it (2.6 and later), else the same counted from its records (12 bytes of
+    header each, and their data)."""
+    if response is None:
+        return 0
+    wire = getattr(response, "wire", None)
+    if isinstance(wire, bytes):
+        return len(wire)
+    size = 12
+    for section in (response.answer, response.authority, response.additional):
+        for rrset in section:
+            size += 12 * len(rrset)
+            for r in rrset:
+                pieces, data = _pieces(r)
+                size += pieces + data
+    return size
+
+
+def _nxdomain_bytes(e: dns.resolver.NXDOMAIN) -> int:
+    try:
+        responses = e.responses()
+    except (AttributeError, KeyError, TypeError):
+        return 0
+    return sum(_response_bytes(r) for r in responses.values())
+
+
+def over_answer_bounds(items: Sequence[Any]) -> str | None:
+    """Why an answer is beyond what a real one holds, or None."""
+    if len(items) > limits.DNS_ANSWER_RECORDS:
+        return f"more than {limits.DNS_ANSWER_RECORDS} records"
+    size = 0
+    for r in items:
+        pieces, data = _pieces(r)
+        size += pieces + data  # each string or label with its length octet
+    if size > limits.DNS_ANSWER_BYTES:
+        return f"more than {limits.DNS_ANSWER_BYTES} bytes of record data"
+    return None
+
+
+# What the answer cache's entries cost in Python objects, as measured with
+# tracemalloc on dnspython 2.3 and 2.9 (tests/unit/test_checks.py holds the
+# estimate above the measure): per entry its key, the dict's node and the
+# tuples; per record the rdata object (an A/AAAA rdata with its address text
+# measures ~135 bytes); per piece (a TXT string, a name's label) a bytes object
+# and its slot, then the bytes themselves.
+_ENTRY_BYTES = 640
+_RECORD_BYTES = 200
+_PIECE_BYTES = 80
+
+
+def estimated_bytes(name: str, items: Sequence[Any]) -> int:
+    """A cheap upper estimate of the memory one cache entry holds."""
+    size = _ENTRY_BYTES + len(name) + 8 * len(items)
+    for r in items:
+        pieces, data = _pieces(r)
+        size += _RECORD_BYTES + _PIECE_BYTES * pieces + data
+    return size
+
+
 def _nxdomain_expiry(e: dns.resolver.NXDOMAIN) -> float | None:
     """When an NXDOMAIN stops being true: the SOA's negative TTL (RFC 2308 §5,
     the smaller of its TTL and MINIMUM); None (not kept) without a SOA."""
@@ -262,17 +384,25 @@ def _nxdomain_expiry(e: dns.resolver.NXDOMAIN) -> float | None:
 
 
 class _AnswerCache:
-    """(name, rdtype) -> (NXDOMAIN?, rdata) until its expiry; LRU, bounded, locked.
+    """(name, rdtype) -> (NXDOMAIN?, rdata) until its expiry; LRU, locked,
+    bounded in entries and in estimated bytes (``estimated_bytes``).
 
     In front of dnspython: a hit costs a dict lookup.  Only answers are kept
-    (records, no data, NXDOMAIN), never a failure.
+    (records, no data, NXDOMAIN), never a failure.  An answer estimated over
+    ``entry_bytes`` is not kept at all: one sender's large answers would
+    otherwise push out everyone's small ones.
     """
 
-    def __init__(self, size: int, clock: Callable[[], float] = time.time):
+    def __init__(self, size: int, max_bytes: int = limits.DNS_CACHE_BYTES,
+                 clock: Callable[[], float] = time.time,
+                 entry_bytes: int = limits.DNS_CACHE_ENTRY_BYTES):
         self.size = max(1, size)
+        self.max_bytes = max_bytes
+        self.entry_bytes = min(entry_bytes, max_bytes)
+        self.bytes = 0  # the estimate of what is kept now
         self.clock = clock  # dnspython's expiration times are time.time()'s
         self._lock = threading.Lock()
-        self._data: OrderedDict[tuple[str, str], tuple[float, bool, tuple[Any, ...]]] = (
+        self._data: OrderedDict[tuple[str, str], tuple[float, bool, tuple[Any, ...], int]] = (
             OrderedDict())
 
     def get(self, key: tuple[str, str]) -> tuple[bool, tuple[Any, ...]] | None:
@@ -282,6 +412,7 @@ class _AnswerCache:
                 return None
             if entry[0] <= self.clock():
                 del self._data[key]
+                self.bytes -= entry[3]
                 return None
             self._data.move_to_end(key)
             return entry[1], entry[2]
@@ -290,11 +421,17 @@ class _AnswerCache:
             expiry: float | None) -> None:
         if expiry is None or expiry <= self.clock():
             return
+        size = estimated_bytes(key[0], items)
+        if size > self.entry_bytes:
+            return
         with self._lock:
-            self._data[key] = (expiry, nxdomain, items)
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= old[3]
+            self._data[key] = (expiry, nxdomain, items, size)
+            self.bytes += size
+            while len(self._data) > self.size or self.bytes > self.max_bytes:
+                self.bytes -= self._data.popitem(last=False)[1][3]
 
     def __len__(self) -> int:
         return len(self._data)
@@ -355,6 +492,9 @@ def _pyspf_lookup(
     if ctx is None:
         raise spf.TempError("DNS lookup outside an ipv6milter SPF check")
     resolver, budget = ctx
+    if budget.over_dns_bytes():
+        # RFC 7208 §4.6.4: a verifier may limit its processing; past a limit, permerror.
+        raise spf.PermError(f"DNS answers of this evaluation over {limits.DNS_STAGE_BYTES} bytes")
     try:
         items = resolver.query(name, qtype, budget)
     except TempFail as e:
@@ -368,11 +508,32 @@ def _pyspf_lookup(
         elif qtype == "PTR":
             value = r.target.to_text(omit_final_dot=True)
         elif qtype in ("TXT", "SPF"):
+            if txt_record(r.strings) is None:
+                if _is_spf_record(r.strings):
+                    # RFC 7208 §4.6: a malformed record is permerror.
+                    raise spf.PermError(
+                        f"SPF record of {name} over {limits.TXT_RECORD_BYTES} bytes or "
+                        f"{limits.TXT_RECORD_STRINGS} strings")
+                budget.note(f"{name} {qtype}: a record over {limits.TXT_RECORD_BYTES} bytes "
+                            f"or {limits.TXT_RECORD_STRINGS} strings left out")
+                continue
             value = tuple(r.strings)
         else:
             continue
         out.append(((name, qtype), value))
     return out
+
+
+def _is_spf_record(strings: Sequence[bytes]) -> bool:
+    """Does this TXT record start "v=spf1" (RFC 7208 §4.5), whatever its
+    splitting into strings?"""
+    head = b""
+    for piece in strings:
+        head += piece[:7]
+        if len(head) >= 7:
+            break
+    head = head[:7].lower()
+    return head == b"v=spf1" or head == b"v=spf1 "
 
 
 class _PyspfBridge:

@@ -763,7 +763,7 @@ def postfix_command(config_dir: Path, *args: str, check: bool = False
 
 @contextlib.contextmanager
 def run_postfix(
-    keep_dir: Path,
+    keep_dir: Path | None,
     main_cf: Mapping[str, str],
     services: Mapping[str, Mapping[str, str]],
     *,
@@ -782,7 +782,7 @@ def run_postfix(
     pytest's: Postfix opens data_directory files as its mail_owner, so the
     whole path must be searchable for that user, and pytest resets its temp
     root to 0700 whenever a pytest session starts.  The directory is removed
-    at the end; the log is copied to ``keep_dir`` first.  Needs root.
+    at the end; the log is copied to ``keep_dir`` first (if one is given).  Needs root.
     """
     if os.geteuid() != 0:
         raise LabError("a private Postfix instance needs root (postfix -c DIR start)")
@@ -829,8 +829,9 @@ def run_postfix(
                 postfix_command(etc, "abort")
             _kill_leftover_master(queue / "pid" / "master.pid")
     finally:
-        with contextlib.suppress(OSError):
-            shutil.copy(base / "postfix.log", keep_dir / "postfix.log")
+        if keep_dir is not None:
+            with contextlib.suppress(OSError):
+                shutil.copy(base / "postfix.log", keep_dir / "postfix.log")
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -956,6 +957,12 @@ class Sink:
     def start(self) -> Sink:
         self._thread.start()
         return self
+
+    def __enter__(self) -> Sink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -135,6 +135,7 @@ OPTED_IN = ("example.com", "example.net")
 NOT_OPTED_IN = "example.org"
 SELECTOR = "sel1"
 UNSERVED = "unserved.invalid"  # no zone at Knot: REFUSED
+VOID_SPF = "voidspf.test"  # SPF passes for GOOD_IP only after three void lookups
 
 
 @dataclass
@@ -206,6 +207,8 @@ def build_zones() -> dict[str, list[str]]:
         return name.removesuffix(f".{REVERSE_ZONE}.")
 
     labs = [LabAddresses.for_slot(k) for k in range(LAB_SLOTS)]
+    void_spf = (f"v=spf1 a:v4a.{VOID_SPF} a:v4b.{VOID_SPF} a:v4c.{VOID_SPF} "
+                f"ip6:{GOOD_IP} -all")
     lab_spf = " ".join(f"ip6:{lab.good} ip6:{lab.unconfirmed}" for lab in labs)
 
     return {
@@ -234,6 +237,14 @@ def build_zones() -> dict[str, list[str]]:
         ],
         # The include cannot be resolved (REFUSED): SPF temperror.
         "tempspf.test": [f"@ TXT {_txt(f'v=spf1 include:spf.{UNSERVED} -all')}"],
+        # A record written for IPv4 senders: for an IPv6 client each a: host
+        # costs a void AAAA lookup (RFC 7208 4.6.4) before ip6: is reached.
+        VOID_SPF: [
+            f"@ TXT {_txt(void_spf)}",
+            "v4a A 192.0.2.1",
+            "v4b A 192.0.2.2",
+            "v4c A 192.0.2.3",
+        ],
     }
 
 

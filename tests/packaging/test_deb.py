@@ -365,9 +365,9 @@ def test_daemon_answers_postfix_through_the_unix_socket(
                 raise AssertionError(
                     f"not delivered\n--- postfix\n{pf.log()}\n--- milter\n{daemon.text()}"
                 ) from None
-            mail_from, rcpts, data = sink.messages[0]
-            assert mail_from.startswith("<a@example.com>") and rcpts == ["<b@example.net>"]
-            assert b"Message-ID: <pkgtest@example.com>" in data
+            msg = sink.messages[0]
+            assert msg.mail_from == "a@example.com" and msg.rcpts == ("b@example.net",)
+            assert b"Message-ID: <pkgtest@example.com>" in msg.data
             # The milter saw the message: its end-of-message decision line.
             wait_for(lambda: re.search(r"decision .*stage=eom.*client=127\.0\.0\.1|"
                                        r"decision .*client=127\.0\.0\.1.*stage=eom",

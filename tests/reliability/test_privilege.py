@@ -79,7 +79,7 @@ def test_every_id_dropped_in_every_thread_after_binding_a_privileged_port(
         for n in range(4):
             _judged(port, f"priv{n}")
         # The parent stays root to clean up at the stop, and so runs nothing:
-        # one thread, no message, no socket it reads (cli.Daemon).  Every
+        # one thread, no message, no socket it reads (supervisor.Supervisor).  Every
         # process that handles input is a child, as UserID.
         assert [t.name for t in Path(f"/proc/{proc.pid}/task").iterdir()] == [str(proc.pid)]
         assert _files_open_for_writing(proc.pid) <= {1, 2}
@@ -142,7 +142,7 @@ def test_a_clone_in_a_0700_directory_still_judges_after_the_switch(
         nobody = pwd.getpwnam("nobody")
         probe = subprocess.run(
             ["python3", "-c", f"import os; os.setgid({nobody.pw_gid}); os.setuid("
-             f"{nobody.pw_uid}); open({str(clone / 'src' / 'ipv6milter' / 'cli.py')!r})"],
+             f"{nobody.pw_uid}); open({str(clone / 'src' / 'ipv6milter' / 'worker.py')!r})"],
             capture_output=True, text=True)
         assert "PermissionError" in probe.stderr, probe  # unreadable to the user, as in #10
         port = _free_port()
@@ -165,7 +165,8 @@ def test_a_clone_in_a_0700_directory_still_judges_after_the_switch(
                 env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
         try:
             wait_until("the milter", lambda: tcp_open("127.0.0.1", port), timeout=30)
-            assert "running as nobody" in log.read_text()
+            # The socket listens from before the check as UserID, which logs this line.
+            wait_until("the switch", lambda: "running as nobody" in log.read_text(), timeout=30)
             for n in range(6):  # over both workers, most likely; each must judge
                 _judged(port, f"clone{n}")
             workers = _children(proc.pid)
@@ -221,24 +222,25 @@ FORBIDDEN_CALLS = {
 # chown it to UserID, fork its workers, make and remove the workers' private
 # metrics directory.  As (file, call, first argument).
 ALLOWED_WRITES = {
-    ("cli.py", "os.unlink", "path"),  # the PidFile, if it still names us
-    ("cli.py", "os.unlink", "bind_path"),  # the socket's private name, if renaming failed
-    ("cli.py", "os.unlink", "self._socket_path"),  # the socket, at a clean stop
-    ("cli.py", "os.unlink", "name"),  # the metrics files, by the directory's descriptor
-    ("cli.py", "open", "probe"),  # the check as UserID: can it write the metrics files?
-    ("cli.py", "os.unlink", "probe"),
+    ("pidfile.py", "os.unlink", "path"),  # the PidFile, if it still names us
+    ("listener.py", "os.unlink", "bind_path"),  # the socket's private name, if renaming failed
+    ("listener.py", "os.unlink", "self.path"),  # the socket, at a clean stop
+    ("metricsserver.py", "os.unlink", "name"),  # the metrics files, by the directory's descriptor
+    ("privileges.py", "open", "probe"),  # the check as UserID: can it write the metrics files?
+    ("privileges.py", "os.unlink", "probe"),
     ("metrics.py", "os.unlink", "f'gauge_{mode}_{pid}.db'"),  # a dead worker's live gauges
 }
 ALLOWED_PRIVILEGED = {
-    ("cli.py", "import tempfile"),  # mkdtemp for the metrics directory
-    ("cli.py", "os.open(path)"),  # the PidFile: written, then read back before removal
-    ("cli.py", "os.open(self.metrics_dir)"),  # held, O_NOFOLLOW: root works only inside it
-    ("cli.py", "os.open(parent)"),  # the metrics directory's parent, to remove it
-    ("cli.py", "os.fork()"),  # the workers, the metrics server, the check as UserID
-    ("cli.py", "os.rename(bind_path)"),
-    ("cli.py", "os.chown(bind_path)"),  # the socket, to UserID (SPEC §4)
-    ("cli.py", "os.chown(self._metrics_fd)"),  # made by root, for UserID's processes
-    ("cli.py", "os.rmdir(name)"),  # the metrics directory, at the stop
+    ("metricsserver.py", "import tempfile"),  # mkdtemp for the metrics directory
+    ("pidfile.py", "os.open(path)"),  # the PidFile: written, then read back before removal
+    ("metricsserver.py", "os.open(self.directory)"),  # held, O_NOFOLLOW: root works only inside
+    ("metricsserver.py", "os.open(parent)"),  # the metrics directory's parent, to remove it
+    ("supervisor.py", "os.fork()"),  # the workers, the metrics server
+    ("privileges.py", "os.fork()"),  # the checks as UserID (at the start, at a reload)
+    ("listener.py", "os.rename(bind_path)"),
+    ("listener.py", "os.chown(bind_path)"),  # the socket, to UserID (SPEC §4)
+    ("metricsserver.py", "os.chown(self.fd)"),  # made by root, for UserID's processes
+    ("metricsserver.py", "os.rmdir(name)"),  # the metrics directory, at the stop
 }
 
 

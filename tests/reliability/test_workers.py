@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -203,3 +205,80 @@ def test_metrics_are_one_view_over_all_workers(lab: Lab) -> None:
     assert not [k for k in after if any(name == "pid" for name, _ in k[1])]
     assert after[("ipv6milter_enforce_share_percent", ())] == 100
     assert after[("ipv6milter_connections_in_flight", ())] == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_sighup_bursts_while_workers_start_and_serve_stop_no_worker(lab: Lab) -> None:
+    """A reload that arrives while a worker starts must not stop it (libmilter's
+    own signal thread stops the milter on any SIGHUP it takes), nor may a burst
+    aimed at the parent, or straight at a worker, under load.  Workers are
+    killed one after the other; while each replacement starts, SIGHUP goes in
+    bursts to the parent and to every child.  The only workers that end are
+    the ones killed."""
+    m = lab.milter
+    offset = len(m.log_text())
+    results: list[Sent] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    counter = iter(range(3900, 4000))  # identities of zones.stream_*, unused elsewhere
+
+    def client() -> None:
+        for n in counter:
+            if done.is_set():
+                return
+            r = send(lab.port, n, "burst")
+            with lock:
+                results.append(r)
+
+    def burst(seconds: float) -> int:
+        """SIGHUP to the parent and to every child, as fast as it goes."""
+        sent = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            m.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            for pid in _children(m.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+                    sent += 1
+            time.sleep(0.001)
+        return sent
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    killed: list[int] = []
+    signals = 0
+    try:
+        for round_ in range(8):
+            wait_until("two workers", lambda: len(lab.workers()) == 2, timeout=30)
+            victim = lab.workers()[round_ % 2]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+            # The replacement is forked within milliseconds: the burst covers its start.
+            signals += burst(1.0)
+        wait_until("two workers", lambda: len(lab.workers()) == 2, timeout=30)
+        signals += burst(1.0)  # and at two running workers
+    finally:
+        done.set()
+        for t in threads:
+            t.join(120)
+    wait_until("two workers", lambda: len(lab.workers()) == 2, timeout=30)
+    log = m.log_text()[offset:]
+    ended = [int(pid) for pid in re.findall(
+        r"worker \d+ \(pid (\d+)\) (?:killed by|exited with)", log)]
+    assert sorted(ended) == sorted(killed), (
+        f"workers that stopped without being killed: {sorted(set(ended) - set(killed))}\n"
+        + log[-3000:])
+    assert m.proc.poll() is None  # type: ignore[union-attr]
+    # Every message got an answer; only what was in flight on a killed worker was deferred.
+    assert results and all(not r.disconnected and r.code for r in results), [
+        r for r in results if r.disconnected or not r.code]
+    deferred = [r for r in results if not r.accepted]
+    assert all(400 <= r.code < 500 for r in deferred), deferred
+    assert len(deferred) <= 3 * len(killed), deferred
+    print(f"\nsighup bursts: {len(killed)} workers killed and replaced under "
+          f"{signals} SIGHUPs to the workers (and bursts to the parent); "
+          f"{len(results)} messages, {len(deferred)} deferred, 0 workers stopped by a signal")

@@ -370,3 +370,37 @@ def test_parse_unfolds_first():
     header = authresults.parse(value)
     props: dict[str, Any] = {p.name: p.value for p in header.results[0].properties}
     assert props == {"mailfrom": "a@example.com"}
+
+
+# -- the authserv-id behind comments of any length and depth (RFC 8601 §5) ---------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "(" + "x " * 500_000 + ") mx.example.org; spf=pass",  # a 1 MB comment, nothing cut
+        "(" * 100_000 + ")" * 100_000 + " mx.example.org; spf=pass",  # nested 100,000 deep
+        "(a" * 50_000 + "b)" * 50_000 + "\r\n\tmx.example.org; none",
+        "(\\)) mx.example.org; none",  # an escaped parenthesis does not close the comment
+        "(a (b \\( c) d) (e)\r\n (f) mx.example.org(g); none",
+        "mx.example.org(never closed; spf=pass",
+        '"mx.\\example.org"; none',
+    ],
+)
+def test_our_id_is_found_behind_any_comment(value: str):
+    assert authserv_id_of(value) == "mx.example.org"
+    assert forged_indexes(["other.example; none", value], "mx.example.org") == [2]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("(" * 100_000 + " mx.example.org; none", ""),  # never closed: all of it is comment
+        ("(a) (b mx.example.org; none", ""),
+        ('"mx.example.org; none', ""),  # a quoted-string never closed
+        (") mx.example.org; none", ")"),  # a stray ')' is text, as it was
+    ],
+)
+def test_an_unclosed_comment_or_quote_hides_no_id(value: str, expected: str):
+    assert authserv_id_of(value) == expected
+

@@ -494,3 +494,61 @@ def test_a_line_that_is_not_a_field_starts_the_body():
     assert fields == [("From", b" a@example.com")]
     assert body == b"not a field\r\nmore\r\n\r\nrest\r\n"
     assert split_fields(b"\r\nonly body\r\n") == ([], b"only body\r\n")
+
+
+# -- From-aligned mode --
+
+ALIGN_CONF = CONF + "Alignment relaxed\n"
+R_45726_ALIGNED = (
+    "450 4.7.26 Service unavailable, message sent over IPv6 [2001:db8::25] must pass "
+    "either SPF or DKIM validation aligned with the From domain."
+)
+
+
+def test_explain_prints_every_dmarc_query_and_the_choice(check, tmp_path: Path):
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(MESSAGE.replace(b"From: a@example.com",
+                                    b"From: Boss <boss@news.example.com>"))
+    argv = ["--ip", ADDR, "--helo", "mail.example.com", "--mail-from", "b@bounce.example.com",
+            "--rcpt", "b@example.org", "--explain", str(eml)]
+    zone = {**GOOD_DNS, ("bounce.example.com", "TXT"): "v=spf1 ip6:2001:db8::/32 -all",
+            ("_dmarc.example.com", "TXT"): "v=DMARC1; p=reject"}
+    o = check(argv, zone, ALIGN_CONF)
+    assert o.code == 0, o.out
+    assert "accept" in o.lines
+    text = "\n".join(line for line in o.lines if line.startswith("# "))
+    assert "From domain: news.example.com" in text
+    for name in ("_dmarc.bounce.example.com", "_dmarc.example.com", "_dmarc.com",
+                 "_dmarc.news.example.com"):
+        assert f"{name} TXT" in text
+    assert ("organizational domain of bounce.example.com: example.com (the DMARC record "
+            "with the fewest labels, _dmarc.example.com)") in text
+    assert "organizational domain of news.example.com: example.com" in text
+    assert "spf=pass b@bounce.example.com: aligned with news.example.com" in text
+    assert "aligned=spf" in text
+    assert "alignment: 4 _dmarc queries" in text
+    assert o.header is not None and "spf=pass (aligned with news.example.com)" in o.header
+    # Each _dmarc name asked once, though both walks pass example.com and com.
+    dmarc = [n for n, _ in o.resolver.asked if n.startswith("_dmarc.")]
+    assert sorted(dmarc) == sorted(set(dmarc)) and len(dmarc) == 4
+
+
+def test_an_unaligned_pass_is_refused_with_the_aligned_text(check, tmp_path: Path):
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(MESSAGE.replace(b"From: a@example.com", b"From: ceo@bank.example"))
+    o = check([*ARGS, "--rcpt", "b@example.org", str(eml)], GOOD_DNS, ALIGN_CONF)
+    assert (o.code, o.lines) == (1, [R_45726_ALIGNED])
+    # Alignment off: the same message is accepted on SPF alone.
+    o = check([*ARGS, "--rcpt", "b@example.org", str(eml)], GOOD_DNS)
+    assert o.code == 0 and o.lines[0] == "accept"
+
+
+def test_a_dmarc_servfail_that_decides_is_451(check, tmp_path: Path):
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(MESSAGE.replace(b"From: a@example.com", b"From: a@news.example.com"))
+    zone = {**GOOD_DNS, ("_dmarc.example.com", "TXT"): TEMP}
+    o = check([*ARGS, "--rcpt", "b@example.org", "--explain", str(eml)], zone, ALIGN_CONF)
+    assert o.code == 1
+    assert o.lines[-1].startswith("451 4.4.3 ")
+    assert "organizational domain of example.com: unknown" in o.out
+    assert "aligned=unknown" in o.out

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import base64
+import gc
 import ipaddress
 import re
 import subprocess
 import threading
+import time
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dkim
 import dns.exception
+import dns.message
 import dns.name
 import dns.rdata
 import dns.rdataclass
@@ -22,12 +26,23 @@ import dns.reversename
 import pytest
 import spf
 
+from ipv6milter import limits
 from ipv6milter import resolver as resolver_mod
 from ipv6milter.dkimcheck import check_dkim, unverified
 from ipv6milter.iprev import MAX_NAMES, check_iprev, safe_name
 from ipv6milter.model import Iprev
 from ipv6milter.resolver import Budget, Resolver, TempFail, pyspf_bridge
 from ipv6milter.spfcheck import ascii_domain, check_spf, envelope_address
+from tests.growth.rows_dns import (
+    WireResolver,
+    mx_fanout,
+    padded,
+    rdata,
+    spf_txt,
+    txt_rdata,
+    wire,
+)
+from tests.growth.rows_dns import zone as wire_zone
 
 from .fakedns import TEMP, FakeResolver
 
@@ -963,3 +978,361 @@ def test_pyspf_lookups_of_other_threads_do_not_mix():
     assert seen == ["fail", "no context"]
     assert main.asked == [("example.com", "TXT")]
     assert other.asked == [("example.com", "TXT")]
+
+
+# -- SPF: the RFC 7208 edges of SPEC §1 --
+
+
+@pytest.mark.parametrize("helo", ["holahola", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+def test_spf_h_macro_is_the_helo_as_given(helo: str):
+    # RFC 7208 §7.3: %{h} is the HELO/EHLO domain as given, whatever its form.
+    res, r = spf_check({("example.com", "TXT"): "v=spf1 exists:%{h}.example.net ~all",
+                        (f"{helo}.example.net", "A"): "127.0.0.2"}, helo=helo)
+    assert res.result == "pass", res
+    assert (f"{helo}.example.net".lower(), "A") in r.asked
+
+
+@pytest.mark.parametrize("helo", ["a\\", "x\\999", "a b", "a..b"])
+def test_spf_h_macro_with_a_helo_that_is_no_dns_name_is_no_data(helo: str):
+    # Through the real Resolver: the expanded name cannot be a DNS name (a bad
+    # escape, an empty label), which is no data, never a temporary failure.
+    r = _wired({("example.com", "TXT"): [spf_txt("v=spf1 exists:%{h}.example.net ~all")]})
+    res = check_spf(r, ADDR, "sender@example.com", helo, budget())
+    assert res.result == "softfail", res
+
+
+def test_spf_ptr_skips_a_name_whose_address_lookup_fails_temporarily():
+    # RFC 7208 §5.5: "If a DNS error occurs while doing an A RR lookup, then
+    # that domain name is skipped and the search continues."
+    zone = {("example.com", "TXT"): "v=spf1 ptr:example.com -all",
+            (REV, "PTR"): ["down.example.com.", "mail.example.com."],
+            ("down.example.com", "AAAA"): TEMP,
+            ("mail.example.com", "AAAA"): str(ADDR)}
+    res, r = spf_check(zone)
+    assert res.result == "pass", res
+    assert ("down.example.com", "AAAA") in r.asked
+    zone[(REV, "PTR")] = "down.example.com."  # the only name: no match, not temperror
+    assert spf_check(zone)[0].result == "fail"
+
+
+def test_spf_ptr_lookup_failure_is_no_match():
+    # RFC 7208 §5.5: "If a DNS error occurs while doing the PTR RR lookup,
+    # then this mechanism fails to match."
+    res, _ = spf_check({("example.com", "TXT"): "v=spf1 ptr ~all", (REV, "PTR"): TEMP})
+    assert res.result == "softfail", res
+
+
+def test_spf_ptr_with_a_spent_budget_is_still_temperror():
+    class Spending(FakeResolver):
+        def query(self, name: Any, rdtype: str, budget: Budget) -> list[Any]:
+            if rdtype == "AAAA":
+                budget.deadline = 0.0  # the stage's time runs out during this lookup
+                raise TempFail("timeout")
+            return super().query(name, rdtype, budget)
+
+    r = Spending({("example.com", "TXT"): "v=spf1 ptr -all", (REV, "PTR"): "mail.example.com."})
+    assert check_spf(r, ADDR, "sender@example.com", "mail.example.com", budget()).result \
+        == "temperror"
+
+
+V4ONLY = {
+    ("voids.example", "TXT"):
+        f"v=spf1 a:v4a.voids.example a:v4b.voids.example a:v4c.voids.example ip6:{ADDR} -all",
+    ("v4a.voids.example", "A"): "192.0.2.1",
+    ("v4b.voids.example", "A"): "192.0.2.2",
+    ("v4c.voids.example", "A"): "192.0.2.3",
+}
+
+
+def test_spf_void_lookup_limit_is_per_evaluation_not_pyspfs_constant():
+    r = FakeResolver(V4ONLY)
+    default = check_spf(r, ADDR, "a@voids.example", "mail.example.com", budget())
+    assert default.result == "permerror"
+    assert "Void lookup limit of 2 exceeded" in default.detail
+    raised = check_spf(r, ADDR, "a@voids.example", "mail.example.com", budget(), void_limit=3)
+    assert raised.result == "pass"
+    assert spf.MAX_VOID_LOOKUPS == 2  # never assigned
+    # Two threads with different limits at once (pyspf's constant is shared).
+    results: dict[int, str] = {}
+
+    def run(limit: int) -> None:
+        for _ in range(20):
+            res = check_spf(FakeResolver(V4ONLY), ADDR, "a@voids.example", "h.example", budget(),
+                            void_limit=limit)
+            if results.setdefault(limit, res.result) != res.result:
+                results[limit] = "mixed"
+
+    threads = [threading.Thread(target=run, args=(limit,)) for limit in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {2: "permerror", 3: "pass"}
+
+
+def test_spf_explain_counts_void_lookups_and_names_ipv4_only_hosts():
+    trace: list[str] = []
+    res = check_spf(FakeResolver(V4ONLY), ADDR, "a@voids.example", "mail.example.com",
+                    Budget(20, trace))
+    assert res.result == "permerror"
+    assert "3 void lookup(s), limit 2: v4a.voids.example AAAA, v4b.voids.example AAAA, " \
+        "v4c.voids.example AAAA" in res.detail
+    assert "AAAA lookups for IPv4-only hosts (v4a.voids.example, v4b.voids.example, " \
+        "v4c.voids.example)" in res.detail
+    # Without a trace (the milter), the detail is pyspf's own and nothing more is asked.
+    r = FakeResolver(V4ONLY)
+    plain = check_spf(r, ADDR, "a@voids.example", "mail.example.com", budget())
+    assert "void lookup(s)" not in plain.detail
+    assert not [q for q in r.asked if q[1] == "A"]
+
+
+def test_spf_void_lookups_of_hosts_without_any_address_are_not_called_ipv4_only():
+    zone = {("voids.example", "TXT"): "v=spf1 a:x.voids.example a:y.voids.example "
+                                      "a:z.voids.example -all"}
+    res = check_spf(FakeResolver(zone), ADDR, "a@voids.example", "h.example", Budget(20, []))
+    assert res.result == "permerror"
+    assert "3 void lookup(s)" in res.detail
+    assert "IPv4-only" not in res.detail
+
+
+# -- bounds on DNS answers and on the SPF records in them (limits.py, "DNS answers") --
+
+
+def _wired(records: dict[tuple[str, str], list[Any]], **kwargs: Any) -> WireResolver:
+    return WireResolver(wire_zone(records), **kwargs)
+
+
+def test_spf_long_label_is_permerror_without_quadratic_cpu():
+    # issue 16: pyspf's RE_TOPLAB took ~40 s over a 60,000-letter label.
+    for n in (64, 4000):
+        r = FakeResolver({("example.com", "TXT"): f"v=spf1 a:x.{'a' * n}.y -all"})
+        start = time.thread_time()
+        res = check_spf(r, ADDR, "sender@example.com", "mail.example.com", budget())
+        assert time.thread_time() - start < 0.05
+        assert res.result == "permerror"
+        assert "Invalid domain found" in res.detail
+        assert r.asked == [("example.com", "TXT")]
+
+
+def test_spf_labels_and_names_at_rfc_1035s_bounds_are_used():
+    label = "a" * limits.DNS_LABEL_CHARS
+    name = ".".join([label] * 3 + ["b" * 53]) + ".example"  # 253 characters
+    assert len(name) == limits.DNS_NAME_CHARS
+    res, _ = spf_check({("example.com", "TXT"): f"v=spf1 a:{name} -all",
+                        (name, "AAAA"): str(ADDR)})
+    assert res.result == "pass"
+    res, _ = spf_check({("example.com", "TXT"): f"v=spf1 a:x{name} -all"})
+    assert res.result == "permerror"
+
+
+def test_spf_record_over_the_txt_bounds_is_permerror():
+    big = "v=spf1 " + "ip6:2001:db8::1 " * (limits.TXT_RECORD_BYTES // 16) + "-all"
+    assert len(big) > limits.TXT_RECORD_BYTES
+    res = check_spf(_wired({("example.com", "TXT"): [spf_txt(big)]}), ADDR,
+                    "sender@example.com", "mail.example.com", budget())
+    assert res.result == "permerror"
+    assert "over 8192 bytes" in res.detail
+    # the same record in one-byte strings: over TXT_RECORD_STRINGS
+    pieces = [c.encode() for c in f"v=spf1 ip6:{ADDR} -all"] + [b" "] * limits.TXT_RECORD_STRINGS
+    res = check_spf(_wired({("example.com", "TXT"): [txt_rdata(*pieces)]}), ADDR,
+                    "sender@example.com", "mail.example.com", budget())
+    assert res.result == "permerror"
+    # within the bound, the same splitting is one record (RFC 7208 §3.3)
+    pieces = [c.encode() for c in f"v=spf1 ip6:{ADDR} -all"]
+    res = check_spf(_wired({("example.com", "TXT"): [txt_rdata(*pieces)]}), ADDR,
+                    "sender@example.com", "mail.example.com", budget())
+    assert res.result == "pass"
+
+
+def test_a_large_txt_record_beside_the_spf_record_is_left_out():
+    records = [spf_txt(f"v=spf1 ip6:{ADDR} -all"),
+               txt_rdata(*([b"x" * 255] * (limits.TXT_RECORD_BYTES // 255 + 1)))]
+    res = check_spf(_wired({("example.com", "TXT"): records}), ADDR, "sender@example.com",
+                    "mail.example.com", budget())
+    assert res.result == "pass"
+
+
+def test_explanation_over_the_macro_string_bound_is_no_explanation():
+    for n, expected in ((100, "go away " + "." * 100),
+                        (limits.SPF_MACRO_STRING_CHARS + 1, spf.EXPLANATIONS["fail"])):
+        text = "go away " + "." * n
+        res, _ = spf_check({("example.com", "TXT"): "v=spf1 -all exp=why.example.com",
+                            ("why.example.com", "TXT"): text[: len("go away ") + n]})
+        assert res.result == "fail"
+        assert res.detail == expected[: len("go away ") + n]
+
+
+def test_unknown_modifier_over_the_macro_string_bound_is_permerror():
+    value = "%{d}" + "." * limits.SPF_MACRO_STRING_CHARS
+    res, _ = spf_check({("example.com", "TXT"): f"v=spf1 ip6:{ADDR} x-note={value} -all"})
+    assert res.result == "permerror"
+    res, _ = spf_check({("example.com", "TXT"): f"v=spf1 ip6:{ADDR} x-note=%{{d}}.a -all"})
+    assert res.result == "pass"
+
+
+@pytest.mark.parametrize("rdtype", ["AAAA", "PTR", "TXT"])
+def test_an_answer_with_too_many_records_is_no_data_and_kept_so(rdtype: str):
+    n = limits.DNS_ANSWER_RECORDS + 1
+    texts = {"AAAA": [str(ADDR + k) for k in range(n)],
+             "PTR": [f"h{k}.example.com." for k in range(n)],
+             "TXT": [f'"r{k}"' for k in range(n)]}[rdtype]
+    r = _wired({("big.example", rdtype): [rdata(rdtype, t) for t in texts]})
+    trace: list[str] = []
+    assert r.query("big.example", rdtype, Budget(5, trace)) == []
+    assert trace == [f"big.example {rdtype}: answer ignored "
+                     f"(more than {limits.DNS_ANSWER_RECORDS} records)"]
+    assert r.query("big.example", rdtype, budget()) == []
+    assert r.resolved == [("big.example", rdtype)]  # the verdict is what is cached
+    ok = _wired({("big.example", rdtype): [rdata(rdtype, t) for t in texts[:-1]]})
+    assert len(ok.query("big.example", rdtype, budget())) == limits.DNS_ANSWER_RECORDS
+
+
+def test_an_answer_with_too_much_record_data_is_no_data():
+    # 5 distinct records of 30 strings of 255 bytes: 38 KiB of data in one message
+    records = [txt_rdata(*([b"%d" % k + b"y" * 250] * 30)) for k in range(5)]
+    r = _wired({("big.example", "TXT"): records})
+    assert r.query("big.example", "TXT", budget()) == []
+    # 140 PTR names of 250 characters: 35 KiB of names
+    names = [rdata("PTR", ".".join([f"h{k:03d}" + "a" * 59, "b" * 63, "c" * 63, "d" * 59]) + ".")
+             for k in range(140)]
+    assert _wired({(REV, "PTR"): names}).ptr(ADDR, budget()) == []
+    assert len(_wired({(REV, "PTR"): names[:120]}).ptr(ADDR, budget())) == 120
+
+
+def test_iprev_with_too_many_ptr_names_is_no_ptr():
+    names = [rdata("PTR", f"h{k}.example.com.") for k in range(limits.DNS_ANSWER_RECORDS + 1)]
+    res = check_iprev(_wired({(REV, "PTR"): names}), ADDR, budget())
+    assert res.result is Iprev.PERMERROR
+
+
+def test_dkim_key_over_the_txt_bounds_is_no_key():
+    key = b"v=DKIM1; k=rsa; p=" + b"A" * 300
+    f = _wired({("s._domainkey.example.com", "TXT"): [spf_txt(key.decode())]}).dkim_dnsfunc(
+        budget())
+    assert f(b"s._domainkey.example.com") == key
+    split = [key[i:i + 2] for i in range(0, len(key), 2)]  # 159 strings
+    assert len(split) > limits.TXT_RECORD_STRINGS
+    f = _wired({("s._domainkey.example.com", "TXT"): [txt_rdata(*split)]}).dkim_dnsfunc(budget())
+    assert f(b"s._domainkey.example.com") is None
+    long = key + b"A" * limits.TXT_RECORD_BYTES
+    f = _wired({("s._domainkey.example.com", "TXT"): [spf_txt(long.decode())]}).dkim_dnsfunc(
+        budget())
+    assert f(b"s._domainkey.example.com") is None
+
+
+# -- the answer cache, bounded in bytes (limits.py, "the DNS answer cache") --
+
+
+def _parse_measured(message: bytes) -> tuple[tuple[Any, ...], int]:
+    """The records of ``message`` as the cache keeps them, and what they hold
+    in memory (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        response = dns.message.from_wire(message)
+        items = tuple(response.answer[0]) if response.answer else ()
+        del response
+        gc.collect()
+        return items, tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+
+
+CACHE_SHAPES = {
+    "AAAA": ("AAAA", [str(ADDR + k) for k in range(200)]),
+    "A": ("A", [f"192.0.2.{k}" for k in range(200)]),
+    "TXT long strings": ("TXT", [" ".join(['"' + "a" * 255 + '"'] * 32)]),
+    "TXT many strings": ("TXT", [" ".join([f'"{k % 10}{k}"' for k in range(128)])] * 1),
+    "TXT many records": ("TXT", [f'"site-verification={k:08d}"' for k in range(200)]),
+    "PTR long names": ("PTR", [".".join([f"h{k}" + "a" * 60, "b" * 63, "c" * 63]) + ".example."
+                               for k in range(100)]),
+    "PTR many labels": ("PTR", [".".join(["x"] * 100) + f".h{k}." for k in range(100)]),
+    "MX": ("MX", [f"{k} mx{k}.example.com." for k in range(200)]),
+}
+
+
+@pytest.mark.parametrize("shape", list(CACHE_SHAPES))
+def test_cache_estimate_is_above_what_an_answer_holds(shape: str):
+    rdtype, texts = CACHE_SHAPES[shape]
+    message = wire("big.example.", rdtype, [rdata(rdtype, t) for t in texts])
+    items, measured = _parse_measured(message)
+    estimate = resolver_mod.estimated_bytes("big.example", items)
+    # the entry's own key and tuples are counted in the estimate, not in items
+    assert measured + 8 * len(items) + 300 <= estimate, (measured, estimate)
+    # conservative, not absurd (one-letter labels are shared objects in Python:
+    # the estimate counts each as a full bytes object)
+    assert estimate <= 10 * measured + 4096
+
+
+def test_cache_stays_within_its_byte_budget_and_keeps_small_answers():
+    budget_bytes = 2 * 1024 * 1024
+    big = {(f"big{k}.example", "AAAA"): [rdata("AAAA", str(ADDR + j)) for j in range(150)]
+           for k in range(120)}  # ~50 KiB each, 6 MiB in all
+    small = {("small.example", "AAAA"): [rdata("AAAA", str(ADDR))]}
+    r = _wired({**big, **small}, cache_bytes=budget_bytes)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for name, rdtype in big:
+            assert len(r.query(name, rdtype, budget())) == 150
+            assert r._answers.bytes <= budget_bytes
+        gc.collect()
+        measured = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    cache = r._answers
+    assert 0 < len(cache) < len(big)
+    assert cache.bytes <= budget_bytes
+    # r.resolved (the test's own list) grew too: the cache alone is below it
+    assert measured <= cache.bytes + 64 * 1024, (measured, cache.bytes)
+    assert measured <= budget_bytes, measured
+    assert measured * 3 > cache.bytes  # the estimate is of the right magnitude
+    r.query("small.example", "AAAA", budget())
+    r.query("small.example", "AAAA", budget())
+    assert r.resolved.count(("small.example", "AAAA")) == 1  # still cached
+
+
+def test_an_answer_over_the_entry_ceiling_is_used_but_not_kept():
+    n = limits.DNS_ANSWER_RECORDS
+    r = _wired({("big.example", "AAAA"): [rdata("AAAA", str(ADDR + k)) for k in range(n)]})
+    assert resolver_mod.estimated_bytes("big.example", tuple(
+        rdata("AAAA", str(ADDR + k)) for k in range(n))) > limits.DNS_CACHE_ENTRY_BYTES
+    for _ in range(2):
+        assert len(r.query("big.example", "AAAA", budget())) == n
+    assert r.resolved.count(("big.example", "AAAA")) == 2
+    assert r._answers.bytes == 0
+
+
+# -- the DNS messages one stage parses (limits.DNS_STAGE_BYTES) --
+
+
+def test_spf_stops_asking_past_the_stages_dns_bytes_and_is_permerror():
+    # 10 mx terms of 10 names, every AAAA response padded to 60 KiB: 111
+    # lookups and ~16 s of dnspython's parsing before the bound.
+    r = WireResolver(mx_fanout(60 * 1024))
+    start = time.thread_time()
+    res = check_spf(r, ADDR, "a@example.com", "mail.example.com", budget())
+    assert res.result == "permerror"
+    assert "DNS answers of this evaluation over" in res.detail
+    assert len(r.resolved) <= 2 + limits.DNS_STAGE_BYTES // (60 * 1024) + 1
+    assert time.thread_time() - start < 2.0
+    # small answers: the same 111 lookups stay far below the bound
+    r = WireResolver(mx_fanout(28))
+    assert check_spf(r, ADDR, "a@example.com", "mail.example.com", budget()).result == "fail"
+    assert len(r.resolved) == 111
+
+
+def test_iprev_past_the_stages_dns_bytes_is_no_data_not_temperror():
+    names = [rdata("PTR", f"h{k}.example.com.") for k in range(10)]
+    wires = {(REV, "PTR"): wire(REV + ".", "PTR", names)}
+    for k in range(10):
+        wires[(f"h{k}.example.com", "AAAA")] = padded(
+            f"h{k}.example.com.", "AAAA", [rdata("AAAA", str(OTHER))], 60 * 1024)
+    trace: list[str] = []
+    r = WireResolver(wires)
+    res = check_iprev(r, ADDR, Budget(20, trace))
+    assert res.result is Iprev.FAIL
+    assert len(r.resolved) < 5
+    assert any("not asked (this stage's DNS answers passed" in t for t in trace)

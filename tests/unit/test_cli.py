@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from ipv6milter import __version__, cli, config
+from ipv6milter.listener import no_delay
+from ipv6milter.pidfile import write_pid_file
+from ipv6milter.supervisor import _MAX_QUICK_DEATHS, Supervisor, _Slot, workers_wanted
 
 BIN = shutil.which("ipv6milter", path=os.path.dirname(sys.executable)) or "ipv6milter"
 
@@ -285,17 +288,17 @@ def test_pid_file_is_never_written_through_a_symlink(tmp_path: Path) -> None:
     link = tmp_path / "milter.pid"
     link.symlink_to(target)
     with pytest.raises(OSError, match="symbolic link"):
-        cli.write_pid_file(str(link), 1234)
+        write_pid_file(str(link), 1234)
     assert target.read_text() == "keep me\n"
     # Nor into a file with a second name (a hard link to someone else's file).
     hard = tmp_path / "hard.pid"
     os.link(target, hard)
     with pytest.raises(OSError, match="single name"):
-        cli.write_pid_file(str(hard), 1234)
+        write_pid_file(str(hard), 1234)
     assert target.read_text() == "keep me\n"
     # A plain file: written, mode 0644 at most.
     plain = tmp_path / "plain.pid"
-    cli.write_pid_file(str(plain), 1234)
+    write_pid_file(str(plain), 1234)
     assert plain.read_text() == "1234\n"
     assert plain.stat().st_mode & 0o777 & ~0o644 == 0
 
@@ -376,11 +379,11 @@ def test_a_dead_workers_live_gauges_leave_the_sums_its_counts_stay(tmp_path: Pat
 
 def test_a_worker_dying_at_once_is_restarted_later_and_later_then_given_up(
         tmp_path: Path) -> None:
-    d = cli.Daemon(None, config.Config())
-    slot = cli._Slot(1)
+    d = Supervisor(None, config.Config())
+    slot = _Slot(1)
     d.slots = [slot]
     delays = []
-    for _ in range(cli._MAX_QUICK_DEATHS):
+    for _ in range(_MAX_QUICK_DEATHS):
         pid = os.fork()
         if pid == 0:
             os._exit(3)
@@ -410,8 +413,8 @@ def test_workers_key() -> None:
     for bad in ("Workers 0", "Workers many", "Workers 1000"):
         with pytest.raises(config.ConfigError, match="Workers"):
             config.parse(bad)
-    assert cli.workers_wanted(config.parse("Workers 3")) == 3
-    assert cli.workers_wanted(config.parse("")) == len(os.sched_getaffinity(0))
+    assert workers_wanted(config.parse("Workers 3")) == 3
+    assert workers_wanted(config.parse("")) == len(os.sched_getaffinity(0))
 
 
 def test_a_judgement_that_cannot_work_stops_the_start(
@@ -439,7 +442,7 @@ def test_a_judgement_that_cannot_work_stops_the_start(
     conf = tmp_path / "ipv6milter.conf"
     conf.write_text(f"Socket inet:{port}@127.0.0.1\n")
     with caplog.at_level(logging.ERROR):
-        assert cli.Daemon(str(conf), config.load(str(conf))).run() == 1
+        assert Supervisor(str(conf), config.load(str(conf))).run() == 1
     assert "cannot judge a message" in caplog.text
     assert not accepts(port)
 
@@ -459,5 +462,85 @@ def test_no_delay_is_set_on_the_listening_socket() -> None:
         srv.listen()
         port = srv.getsockname()[1]
         assert srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-        cli._no_delay(f"inet:{port}@127.0.0.1")
+        no_delay(f"inet:{port}@127.0.0.1")
         assert srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_a_decision_with_bytes_that_are_not_utf8_reaches_syslog_escaped(
+        tmp_path: Path) -> None:
+    """SPEC §4: escape, never drop.  pymilter hands a MAIL FROM or RCPT that
+    is not UTF-8 over with lone surrogates; SysLogHandler encodes strictly,
+    and used to drop the line.  A real datagram socket stands for /dev/log."""
+    from functools import partial
+
+    from ipv6milter import logfmt
+    from ipv6milter.engine import Engine
+    from ipv6milter.milter import Ipv6Milter
+    from tests.unit.fakedns import FakeResolver
+    from tests.unit.milterctx import RecordingCtx
+
+    path = str(tmp_path / "log")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(path)
+    syslog.settimeout(5)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    c = config.parse("AcceptDomains example.org\nSyslog yes\nMode monitor\n")
+    try:
+        cli.setup_logging(c, syslog_address=path)
+        ctx = RecordingCtx(partial(Ipv6Milter, Engine(c, FakeResolver({}), workers=1)))
+        ctx.connect("2001:db8::99")
+        # As pymilter's envfrom_bytes/envrcpt_bytes decode them (surrogateescape).
+        sender = b"<a@b\xff\xfe.example>".decode("utf-8", "surrogateescape")
+        rcpt = b"<x@r\xe9fus\xc3.example>".decode("utf-8", "surrogateescape")
+        ctx._envfrom(sender)
+        ctx._envrcpt(rcpt)
+        logging.getLogger("ipv6milter.test").warning("a line naming %s", sender)
+        lines = []
+        while len(lines) < 2:
+            lines.append(syslog.recv(65536).decode("utf-8"))  # strict: must be UTF-8
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        syslog.close()
+    decision = next(line for line in lines if "decision " in line)
+    assert decision.startswith("<22>ipv6milter[")  # facility mail, level info
+    fields = logfmt.find_decision(decision)
+    assert fields is not None, decision
+    assert fields["from_domain"] == "b\\xff\\xfe.example"
+    assert fields["rcpt_domain"] == "r\\xe9fus\\xc3.example"
+    assert fields["would_reply"].startswith("550 5.2.1")
+    assert any("a line naming <a@b\\xff\\xfe.example>" in line for line in lines), lines
+
+
+@pytest.mark.timeout(30)
+def test_the_config_pipe_never_blocks_the_supervisor_and_delivers_the_latest() -> None:
+    """A child that does not read (frozen by a hostile message) must not stall
+    the supervisor; when it reads again it gets the configuration in progress,
+    then the newest, not every one in between."""
+    from ipv6milter.configpipe import Receiver, Sender
+
+    # AcceptDomains large enough that one frame does not fit in the pipe.
+    big = " ".join(f"d{i}.example" for i in range(12000))
+    configs = [config.parse(f"AcceptDomains {big}\nDNSTimeout {n}\n") for n in (1, 2, 3)]
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sender, receiver = Sender(w), Receiver(r)
+    try:
+        for cfg in configs:
+            sender.send(cfg)  # returns at once, though nobody reads
+        assert sender.pending
+        got: list[config.Config] = []
+        while len(got) < 2:  # a third would be a bug; a missing one times the test out
+            got += receiver.read() or []
+            sender.flush()
+        assert [c.dns_timeout for c in got] == [1, 3]
+        assert got[-1] == configs[-1]
+        assert not sender.pending
+    finally:
+        sender.close()
+    assert receiver.read() is None  # the supervisor gone: end of file
+    os.close(r)

@@ -49,6 +49,7 @@ def test_empty_file_gives_the_documented_defaults():
     assert cfg.dns_timeout == 5.0
     assert cfg.stage_timeout == 20.0
     assert cfg.max_signatures == 5
+    assert cfg.spf_void_lookup_limit == 2
     assert cfg.max_message_size == 67108864
     assert cfg.user_id is None
     assert cfg.umask == 0o007
@@ -78,6 +79,8 @@ def test_every_key_of_the_spec_is_known():
         "DNSTimeout",
         "StageTimeout",
         "MaxSignatures",
+        "Alignment",
+        "SPFVoidLookupLimit",
         "MaxMessageSize",
         "UserID",
         "UMask",
@@ -108,6 +111,8 @@ Nameservers 192.0.2.53, [2001:db8::53]:5353
 DNSTimeout 2.5
 StageTimeout 15
 MaxSignatures 3
+Alignment relaxed
+SPFVoidLookupLimit 20
 MaxMessageSize 1048576
 UserID ipv6milter:mail
 UMask 027
@@ -139,6 +144,7 @@ def test_every_key_is_parsed_to_its_value():
     assert cfg.dns_timeout == 2.5
     assert cfg.stage_timeout == 15.0
     assert cfg.max_signatures == 3
+    assert cfg.spf_void_lookup_limit == 20
     assert cfg.max_message_size == 1048576
     assert cfg.user_id == "ipv6milter:mail"
     assert cfg.umask == 0o027
@@ -270,6 +276,7 @@ def test_duplicate_key_names_both_lines():
         "DNSTimeout",
         "StageTimeout",
         "MaxSignatures",
+        "SPFVoidLookupLimit",
         "MaxMessageSize",
         "UserID",
         "UMask",
@@ -307,6 +314,9 @@ def test_empty_value_is_an_error(key: str):
         ("StageTimeout -1", "StageTimeout: -1 is out of range"),
         ("MaxSignatures 0", "MaxSignatures: 0 is out of range"),
         ("MaxSignatures 2.5", "MaxSignatures: expected a number"),
+        ("SPFVoidLookupLimit 1", "SPFVoidLookupLimit: 1 is out of range 2..20"),
+        ("SPFVoidLookupLimit 21", "SPFVoidLookupLimit: 21 is out of range 2..20"),
+        ("SPFVoidLookupLimit two", "SPFVoidLookupLimit: expected a number"),
         ("MaxMessageSize 1k", "MaxMessageSize: expected a number"),
         ("UserID bad user", "UserID: expected user or user:group"),
         ("UMask 8", "UMask: expected an octal mask"),
@@ -770,6 +780,8 @@ def test_describe_defaults():
         "DNSTimeout 5",
         "StageTimeout 20",
         "MaxSignatures 5",
+        "Alignment off  # any SPF or DKIM pass is enough (EOP's rule)",
+        "SPFVoidLookupLimit 2",
         "MaxMessageSize 67108864",
         "UserID -",
         "UMask 007",
@@ -779,6 +791,25 @@ def test_describe_defaults():
         "MetricsListen -",
         "Workers auto",
     ]
+
+
+@pytest.mark.parametrize("mode", ["off", "relaxed", "strict"])
+def test_alignment_modes(mode: str):
+    cfg = parse(f"Alignment {mode.upper()}\n")
+    assert cfg.alignment == mode
+    (line,) = [x for x in config.describe(cfg) if x.startswith("Alignment")]
+    assert line.startswith(f"Alignment {mode}  # ")
+    assert parse(line + "\n").alignment == mode  # -n's line parses back
+    assert "organizational domain" in config.describe(parse("Alignment relaxed\n"))[
+        [k.name for k in config.KEYS].index("Alignment")]
+
+
+def test_alignment_default_is_off_and_bad_values_name_the_line():
+    assert Config().alignment == "off"
+    with pytest.raises(ConfigError) as info:
+        parse("Mode enforce\nAlignment dmarc\n")
+    assert info.value.errors == [
+        "test.conf:2: Alignment: expected one of off, relaxed, strict, got 'dmarc'"]
 
 
 def test_describe_full_config():

@@ -24,7 +24,7 @@ import nacl.signing
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy, Relaxed, Simple
 
-from ipv6milter import authresults, dkimaccept, dkimcheck, selftest
+from ipv6milter import authresults, dkimaccept, dkimcheck, engine, limits, selftest
 from ipv6milter.dkimcheck import check_dkim, signed_subset
 from ipv6milter.resolver import Budget
 
@@ -548,11 +548,14 @@ def test_a_u_label_d_is_looked_up_as_an_a_label(rsa: RsaKey):
 
 @pytest.mark.parametrize("name", [b"DKIM-Signature :", b"DKIM-Signature\t:", b"dkim-signature  :"])
 def test_space_before_the_colon_is_still_a_signature(rsa: RsaKey, name: bytes):
+    """RFC 5322 §4.5.8 obs-optional: the field is a DKIM-Signature, and relaxed
+    header canonicalization (dkimpy's default, relaxed/simple) drops the
+    white space (RFC 6376 §3.4.2): the signature verifies."""
     signed = sign(MESSAGE, rsa.pem)
     odd = signed.replace(b"DKIM-Signature:", name, 1)
     results, _ = judge(odd, zone(rsa.record()))
     assert [(x.result, x.domain, x.selector) for x in results] == [
-        ("permerror", "example.com", "sel1")]
+        ("pass", "example.com", "sel1")]
     assert "dkim=none" not in header_of(results)
 
 
@@ -570,3 +573,130 @@ def test_canonical_body_gives_dkimpys_body_hash(seed: int):
     for algorithm, canon in ((b"simple", Simple), (b"relaxed", Relaxed)):
         assert canon.canonicalize_body(dkimcheck.canonical_body(body, algorithm)) == \
             canon.canonicalize_body(body), (algorithm, body)
+
+
+# -- tags read as RFC 6376 §3.2/§3.5 say, field names as RFC 5322 §4.5.8 ----------------------
+
+
+class _Signer(dkim.DKIM):
+    """dkimpy's signer writing what another signer may write: a ``q=`` list,
+    or the signature's field name with white space before its colon (hashed
+    so, as simple canonicalization hashes it)."""
+
+    def __init__(self, message: bytes, q: bytes | None = None, name: bytes = b"DKIM-Signature"):
+        super().__init__(message)
+        self._q, self._name = q, name
+
+    def gen_header(self, fields: Any, include_headers: Any, canon_policy: Any,
+                   header_name: bytes, pk: Any, standardize: bool = False) -> bytes:
+        if self._q is not None:
+            fields = [(k, self._q if k == b"q" else v) for k, v in fields]
+        return super().gen_header(fields, include_headers, canon_policy, self._name, pk,
+                                  standardize)
+
+
+def _odd_sign(message: bytes, pem: bytes, canon: tuple[bytes, bytes], **kwargs: Any) -> bytes:
+    name = kwargs.get("name", b"DKIM-Signature")
+    sig = _Signer(message, **kwargs).sign(b"sel1", b"example.com", pem, canonicalize=canon)
+    return sig.replace(b"DKIM-Signature:", name + b":", 1) + message
+
+
+@pytest.mark.parametrize("q", [b"foo/bar:dns/txt", b"foo/bar : dns/txt", b"dns/txt:x-other"])
+@pytest.mark.parametrize("canon", [(b"relaxed", b"relaxed"), (b"simple", b"simple")])
+def test_an_unknown_query_method_is_ignored(rsa: RsaKey, q: bytes, canon: tuple[bytes, bytes]):
+    """RFC 6376 §3.5: "Unrecognized query mechanisms MUST be ignored"."""
+    signed = _odd_sign(MESSAGE, rsa.pem, canon, q=q)
+    assert b"q=" + q in signed
+    results, r = judge(signed, zone(rsa.record()))
+    assert [(x.result, x.detail) for x in results] == [("pass", "signature verified")]
+    assert r.asked == [(KEY_NAME, "TXT")]
+
+
+def test_no_known_query_method_is_permerror_without_a_query(rsa: RsaKey):
+    signed = _odd_sign(MESSAGE, rsa.pem, (b"relaxed", b"relaxed"), q=b"foo/bar:dns/txtx")
+    results, r = judge(signed, zone(rsa.record()))
+    assert [(x.result, x.detail) for x in results] == [
+        ("permerror", "signature cannot be used: no query method in q= is known, RFC 6376 3.5")]
+    assert r.asked == []
+
+
+@pytest.mark.parametrize("name", [b"DKIM-Signature ", b"DKIM-Signature\t \t"])
+def test_a_signature_named_with_white_space_verifies_with_simple(rsa: RsaKey, name: bytes):
+    """Simple canonicalization hashes the field as written, name and white
+    space included (RFC 6376 §3.4.1); the field is still the signature."""
+    signed = _odd_sign(MESSAGE, rsa.pem, (b"simple", b"simple"), name=name)
+    assert signed.startswith(name + b": v=1;")
+    results, _ = judge(signed, zone(rsa.record()))
+    assert [(x.result, x.domain, x.selector) for x in results] == [
+        ("pass", "example.com", "sel1")]
+    # Rewritten without the white space, simple notices (it was signed so).
+    results, _ = judge(signed.replace(name + b":", b"DKIM-Signature:", 1), zone(rsa.record()))
+    assert [x.result for x in results] == ["fail"]
+
+
+@pytest.mark.parametrize("written", [b"Subject :", b"Subject\t:", b"subject \t :"])
+def test_relaxed_drops_white_space_before_any_colon(rsa: RsaKey, written: bytes):
+    """RFC 6376 §3.4.2: relaxed header canonicalization deletes the white
+    space before the colon; a signed field written so still verifies, and
+    dkimpy (which refuses such a message) is not the one that parses it."""
+    signed = sign(MESSAGE, rsa.pem, canonicalize=(b"relaxed", b"relaxed"))
+    odd = signed.replace(b"Subject:", written, 1)
+    with pytest.raises(dkim.MessageFormatError):
+        dkim.DKIM(odd)
+    results, _ = judge(odd, zone(rsa.record()))
+    assert [x.result for x in results] == ["pass"]
+    simple = sign(MESSAGE, rsa.pem, canonicalize=(b"simple", b"simple"))
+    results, _ = judge(simple.replace(b"Subject:", written, 1), zone(rsa.record()))
+    assert [x.result for x in results] == ["fail"]
+
+
+def test_the_engine_takes_a_signature_named_with_white_space_for_one(rsa: RsaKey):
+    """ipv6milter-check and Sendmail hand the name as written: the message is
+    signed (never dkim=none), and a forged Authentication-Results written so
+    is ours to delete."""
+    signed = sign(MESSAGE, rsa.pem).replace(b"DKIM-Signature:", b"DKIM-Signature :", 1)
+    forged = b"Authentication-Results : mx.example.org; dkim=pass\r\n"
+    fields, body = engine.split_fields(forged + signed)
+    msg = engine.Message(1 << 20, 5, "mx.example.org")
+    for name, value in fields:
+        msg.header(name, value)
+    msg.body(body)
+    assert msg.signed and len(msg.signatures()) == 1
+    assert msg.forged_indexes() == [1]
+    results, _ = judge(msg.message(), zone(rsa.record()))
+    assert [x.result for x in results] == ["pass"]
+
+
+# -- the DKIM-Signature bound -----------------------------------------------------------------
+
+
+def _padded(signed: bytes, size: int) -> bytes:
+    """``signed`` with its signature's value padded to ``size`` bytes by
+    folded white space after the last tag (nothing relaxed hashes)."""
+    head, sep, rest = signed.partition(b"\r\nFrom:")
+    value_len = len(head) - len(b"DKIM-Signature:")
+    pad = size - value_len
+    unit = b"\r\n \t"
+    padding = unit * (pad // len(unit)) + b" " * (pad % len(unit))
+    return head + padding + sep + rest
+
+
+def test_a_signature_at_the_bound_is_verified(rsa: RsaKey):
+    signed = _padded(sign(MESSAGE, rsa.pem, canonicalize=(b"relaxed", b"relaxed")),
+                     limits.MAX_SIGNATURE_FIELD)
+    values = [v for n, v in dkimcheck.parse_header(signed.split(b"\r\n\r\n")[0])
+              if n == b"DKIM-Signature"]
+    assert [len(v) for v in values] == [limits.MAX_SIGNATURE_FIELD + 2]  # and its CRLF
+    (res,), _ = judge(signed, zone(rsa.record()))
+    assert res.result == "pass"
+
+
+def test_a_signature_past_the_bound_is_permerror_without_a_query(rsa: RsaKey):
+    signed = _padded(sign(MESSAGE, rsa.pem, canonicalize=(b"relaxed", b"relaxed")),
+                     limits.MAX_SIGNATURE_FIELD + 1)
+    results, r = judge(signed, zone(rsa.record()))
+    assert [(x.result, x.domain, x.selector, x.detail) for x in results] == [
+        ("permerror", "example.com", "sel1",
+         f"signature cannot be used: field over {limits.MAX_SIGNATURE_FIELD} bytes")]
+    assert r.asked == []
+    assert "dkim=permerror (signature cannot be used)" in header_of(results)

@@ -17,7 +17,7 @@ import dns.resolver
 import dns.rrset
 import pytest
 
-from ipv6milter import dkimaccept, dkimcheck
+from ipv6milter import dkimaccept
 from ipv6milter.dkimcheck import check_dkim
 from ipv6milter.resolver import Budget, Resolver, TempFail
 from tests.dkimkeys import make_key
@@ -54,7 +54,6 @@ def _counting_asn1(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_repeat_signers_key_record_is_parsed_once(monkeypatch: pytest.MonkeyPatch):
     message, record = _signed()
     dkimaccept._read_key_cached.cache_clear()
-    dkimcheck._prepare_key_cached.cache_clear()
     calls = _counting_asn1(monkeypatch)
     r = FakeResolver({(KEY_NAME, "TXT"): record})
     first = check_dkim(r, message, Budget(20), 5)
@@ -90,11 +89,9 @@ def test_a_large_key_record_is_not_kept():
     message, record = _signed()
     big = record.replace("v=DKIM1;", "v=DKIM1; n=" + "x" * dkimaccept.CACHEABLE_RECORD + ";")
     dkimaccept._read_key_cached.cache_clear()
-    dkimcheck._prepare_key_cached.cache_clear()
     r = FakeResolver({(KEY_NAME, "TXT"): big})
     assert [x.result for x in check_dkim(r, message, Budget(20), 5)] == ["pass"]
     assert dkimaccept._read_key_cached.cache_info().currsize == 0
-    assert dkimcheck._prepare_key_cached.cache_info().currsize == 0
 
 
 # -- the DNS answer cache in front of dnspython --------------------------------------------

@@ -39,3 +39,14 @@ _values = st.text(_ALPHABET, min_size=1, max_size=logfmt.MAX_VALUE)
 def test_round_trip(fields: dict[str, str]) -> None:
     assert logfmt.parse(logfmt.format_fields(fields)) == {
         k: (v if v else "-") for k, v in fields.items()}
+
+
+def test_bytes_that_are_not_utf8_are_escaped_never_dropped() -> None:
+    # As pymilter hands over a MAIL FROM that is not UTF-8 (surrogateescape).
+    domain = b"b\xff\xfe.example".decode("utf-8", "surrogateescape")
+    line = logfmt.format_fields({"stage": "rcpt", "from_domain": domain, "odd": "x\ud800y"})
+    assert line.encode("utf-8")  # strict: what SysLogHandler does
+    assert line == r'stage=rcpt from_domain="b\\xff\\xfe.example" odd="x\\ud800y"'
+    assert logfmt.parse(line) == {
+        "stage": "rcpt", "from_domain": r"b\xff\xfe.example", "odd": r"x\ud800y"}
+    assert logfmt.printable("plain é text") == "plain é text"

@@ -334,3 +334,76 @@ def test_a_file_without_line_ends_is_read_in_pieces(tmp_path: Path) -> None:
     assert report.main(["--format", "json", str(f)], stdout=out) == 0
     got = json.loads(out.getvalue())
     assert got["lines"] == 5 and got["messages"] == 1 and got["unparsed"] == 0
+
+
+# -- what a sender wrote stays data (SPEC §3) -------------------------------------------------
+
+
+@pytest.mark.parametrize("domain", ["=cmd|' /C calc'!A0", "+1+cmd|x", "-2+3", "@SUM(A1)",
+                                    "\tx=1", "\rx=1"])
+def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(domain: str) -> None:
+    # Written by hand: the milter's own lines never carry a tab or CR (logfmt
+    # replaces controls), but a report reads whatever a log holds.
+    quoted = '"' + domain.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raw = (f"decision stage=eom client=2001:db8::25 scope=ipv6 from_domain={quoted} "
+           f'ptr={quoted} reply="450 4.7.26"\n')
+    rc, out = run(raw, "--format", "csv")
+    assert rc == 0
+    rows = csv.DictReader(io.StringIO(out, newline=""))
+    (sender,) = [r for r in rows if r["section"] == "sender"]
+    assert sender["from_domain"] == "'" + domain
+    assert sender["ptr"] == "'" + domain
+    assert len(out.split("\r\n")) == 2 + 7 + 1 + 1  # header, summary, reply, sender, end
+    # Nothing in the file starts a cell with the formula character.
+    for r in csv.reader(io.StringIO(out, newline="")):
+        assert not any(c.startswith(("=", "+", "@", "\t", "\r")) for c in r), r
+
+
+def test_csv_leaves_ordinary_cells_and_the_dash_alone() -> None:
+    _, out = run(line(reply="450 4.7.26", ptr="-", iprev="pass") + "\n", "--format", "csv")
+    rows = csv.DictReader(io.StringIO(out, newline=""))
+    (sender,) = [r for r in rows if r["section"] == "sender"]
+    assert sender["from_domain"] == "example.com" and sender["ptr"] == "-"
+    assert sender["reply"] == "450 4.7.26"
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("evil\u202egro.example", "evil\\u202egro.example"),  # RIGHT-TO-LEFT OVERRIDE
+    ("a\u2066b\u2069c", "a\\u2066b\\u2069c"),  # isolates
+    ("a\u200fb", "a\\u200fb"),  # RIGHT-TO-LEFT MARK
+    ("a\u061cb", "a\\u061cb"),
+    ("zero\u200bwidth", "zero\\u200bwidth"),
+    ("tag\U000e0041", "tag\\U000e0041"),
+    ("esc\x1b[2Jx", "esc\\x1b[2Jx"),
+    ("c1\x9bx", "c1\\x9bx"),
+    ("bücher.example", "bücher.example"),  # letters are shown as they are
+])
+def test_text_output_escapes_control_and_bidi_characters(raw: str, shown: str) -> None:
+    # By hand: logfmt already replaces controls in the milter's own lines.
+    rc, out = run('decision stage=eom client=2001:db8::25 scope=ipv6 '
+                  f'from_domain="{raw}" reply="450 4.7.26"\n')
+    assert rc == 0
+    assert shown in out
+    if raw != shown:
+        assert raw not in out
+    assert not any(c in out for c in "\u202e\u2066\u2069\u200f\u061c\u200b\x1b\x9b")
+
+
+def test_the_aligned_refusal_is_a_reply_of_its_own() -> None:
+    text = "".join([
+        line(reply="450 4.7.26") + "\n",
+        line(reply="450 4.7.26", alignment="relaxed", aligned="none",
+             header_from="bank.example") + "\n",
+        line(reply="accept", would_reply="450 4.7.26", mode="monitor", alignment="strict",
+             aligned="none", header_from="-") + "\n",
+        line(reply="451 4.4.3", alignment="relaxed", aligned="unknown",
+             header_from="example.com") + "\n",
+    ])
+    got = as_json(text)
+    replies = {(r["status"], r["reply"]): r["count"] for r in got["replies"]}
+    assert replies == {("refused", "450 4.7.26"): 1, ("refused", "450 4.7.26 aligned"): 1,
+                       ("would refuse", "450 4.7.26 aligned"): 1, ("refused", "451 4.4.3"): 1}
+    _, out = run(text)
+    assert "450 4.7.26 aligned" in out
+    assert "no SPF/DKIM pass aligned with the From domain" in out
+    assert "neither SPF nor DKIM passed" in out
