@@ -27,7 +27,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SYSTEM_ENV, Built, install_requires, parse_unit, run, version
+from .conftest import (
+    REPO,
+    SYSTEM_ENV,
+    Built,
+    dead_links,
+    install_requires,
+    parse_unit,
+    run,
+    version,
+)
 from .mta import PrivatePostfix, SmtpSink, send, wait_for
 
 UNIT_PATH = Path("/lib/systemd/system/ipv6milter.service")
@@ -124,36 +133,11 @@ def test_deb_contents_and_dependencies(built_deb: Built) -> None:
     assert conffiles.split() == ["/etc/ipv6milter/ipv6milter.conf"]
 
 
-def _anchors(markdown: str) -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces to '-'."""
-    out = set()
-    for m in re.finditer(r"^#+\s+(.*)$", markdown, re.M):
-        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
-        out.add(slug)
-    return out
-
-
 def test_shipped_docs_link_only_to_shipped_files(built_deb: Built, tmp_path: Path) -> None:
     """Every relative link in the guides the package ships leads to a file
     (and heading) in /usr/share/doc/ipv6milter, not to one left in the sources."""
     run(["dpkg-deb", "-x", str(built_deb.path), str(tmp_path)], timeout=60)
-    doc = tmp_path / "usr/share/doc/ipv6milter"
-    pages = sorted(doc.rglob("*.md"))
-    assert {p.relative_to(doc).as_posix() for p in pages} >= {
-        "README.md", "docs/admin-guide.md", "docs/configuration.md", "docs/operations.md"}
-    dead = []
-    for page in pages:
-        text = page.read_text()
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
-            if re.match(r"[a-z]+:", target):
-                continue  # an absolute URL
-            path, _, anchor = target.partition("#")
-            dest = (page.parent / path).resolve() if path else page
-            if not dest.is_file() or not dest.is_relative_to(doc.resolve()):
-                dead.append(f"{page.relative_to(doc)}: {target}")
-            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
-                dead.append(f"{page.relative_to(doc)}: {target} (no such heading)")
-    assert not dead, "\n".join(dead)
+    assert not dead_links(tmp_path / "usr/share/doc/ipv6milter")
 
 
 # -- install ------------------------------------------------------------------------
