@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,16 @@ def normalise_domain(domain: str) -> str:
         return d
 
 
+def _parents(d: str) -> Iterator[str]:
+    """What follows each dot of ``d``, from the root down, while no longer
+    than a domain can be (253): an entry is never longer, and a recipient
+    of many labels costs linear time, not one copy of itself per label."""
+    i = d.rfind(".")
+    while i >= 0 and len(d) - i - 1 <= 253:
+        yield d[i + 1 :]
+        i = d.rfind(".", 0, i)
+
+
 @dataclass(frozen=True)
 class DomainSet:
     """The opted-in recipient domains of ``AcceptDomains``.
@@ -94,8 +104,7 @@ class DomainSet:
         d = normalise_domain(domain)
         if not d:
             return False
-        labels = d.split(".")
-        suffixes = [".".join(labels[i:]) for i in range(1, len(labels))]
+        suffixes = list(_parents(d))
         if d in self.except_exact or any(s in self.except_parents for s in suffixes):
             return False
         if self.everything or d in self.exact:

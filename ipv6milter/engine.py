@@ -27,6 +27,7 @@ the milter and for ``ipv6milter-check`` alike.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import re
 import threading
@@ -36,14 +37,14 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from . import authresults, dkimaccept, dkimcanon, limits
+from . import dkimaccept, dkimcanon, isolation, limits
 from .config import Config
-from .dkimcheck import check_dkim, unverified
+from .dkimcheck import unverified
 from .iprev import check_iprev
 from .metrics import Metrics
-from .model import DkimResult, IPAddress, Iprev, IprevResult, SpfResult
+from .model import Aligned, Alignment, DkimResult, IPAddress, Iprev, IprevResult, SpfResult
 from .resolver import Budget, Resolver
-from .spfcheck import check_spf
+from .spfcheck import envelope_address
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,24 @@ class Session:
 
 
 class Engine:
+    """The checks, with their pool.
+
+    ``isolate``: the checks that parse a sender's data (SPF, DKIM, the
+    authserv-id of Authentication-Results fields, the From field of
+    From-aligned mode) run in helper processes
+    under a CPU bound (isolation.py).  The daemon's workers turn it on, and
+    must construct the engine before any thread exists (the helpers' zygote
+    is forked here); unit tests, the start's preflight and ipv6milter-check
+    run the same checks in-process.
+    """
+
     def __init__(self, cfg: Config, resolver: Resolver | None = None, workers: int = 16,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, isolate: bool = False):
         self._lock = threading.Lock()
         self.metrics = metrics or Metrics()
         self._cfg = cfg
         self._resolver = resolver or self._new_resolver(cfg)
+        self._helpers = isolation.Helpers() if isolate else None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
         self.metrics.loaded(cfg)
         dkimcanon.install()
@@ -225,8 +238,15 @@ class Engine:
             self._cfg = cfg
         self.metrics.loaded(cfg)
 
+    @property
+    def isolated(self) -> bool:
+        return self._helpers is not None
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        helpers, self._helpers = self._helpers, None
+        if helpers is not None:
+            helpers.close()
 
     def budget(self, trace: list[str] | None = None) -> Budget:
         return Budget(self._cfg.stage_timeout, trace)
@@ -247,15 +267,96 @@ class Engine:
     def spf(self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None,
             budget: Budget | None = None) -> SpfResult:
         with self.metrics.timed("spf"):
-            return check_spf(self._resolver, addr, mail_from, helo, budget or self.budget(trace),
-                             void_limit=self._cfg.spf_void_lookup_limit)
+            budget = budget or self.budget(trace)
+            try:
+                return self._check("spf", budget, (addr, mail_from, helo,
+                                                   self._cfg.spf_void_lookup_limit))[0]
+            except isolation.Stopped as e:
+                sender = envelope_address(mail_from)
+                return SpfResult(e.result, sender or helo, "mailfrom" if sender else "helo",
+                                 e.detail)
 
     def dkim(self, message: bytes, trace: list[str] | None = None,
-             budget: Budget | None = None) -> tuple[DkimResult, ...]:
+             budget: Budget | None = None,
+             signatures: list[bytes] | None = None) -> tuple[DkimResult, ...]:
+        """Every signature's result; ``signatures`` (the message's DKIM-Signature
+        values, topmost first) are what a stopped check reports."""
+        max_sigs = self._cfg.max_signatures
+        cpu = limits.CHECK_CPU_SECONDS + limits.DKIM_CPU_SECONDS_PER_MIB * len(message) / 2**20
         with self.metrics.timed("dkim"):
-            return check_dkim(
-                self._resolver, message, budget or self.budget(trace), self._cfg.max_signatures
-            )
+            budget = budget or self.budget(trace)
+            try:
+                return self._check("dkim", budget, (max_sigs,), message, cpu)[0]  # type: ignore[no-any-return]
+            except isolation.Stopped as e:
+                if signatures is None:
+                    signatures = [v for n, v in split_fields(message)[0]
+                                  if n.strip().lower() == _SIGNATURE]
+                return unverified(signatures, e.detail, max_sigs, e.result)
+
+    def alignment(self, mode: str, from_values: list[bytes], spf: SpfResult | None,
+                  dkim: tuple[DkimResult, ...], budget: Budget) -> Alignment:
+        """From-aligned mode's facts (alignment.evaluate); a stopped check
+        has no From domain (the sender's data: nothing is aligned) or, for
+        any other cause, leaves every identifier that could decide unknown."""
+        try:
+            return self._check("from", budget, (mode, from_values, spf, dkim))[0]  # type: ignore[return-value]
+        except isolation.Stopped as e:
+            if e.result == "permerror":
+                return Alignment(mode, None, e.detail, Aligned.NO,
+                                 tuple(Aligned.NO for _ in dkim))
+
+            def open_(result: str) -> Aligned:
+                return Aligned.UNKNOWN if result in ("pass", "temperror") else Aligned.NO
+
+            return Alignment(mode, None, e.detail, open_(spf.result if spf else "temperror"),
+                             tuple(open_(r.result) for r in dkim))
+
+    def authserv_ids(self) -> Callable[[bytes], str | None]:
+        """For one message: the authserv-id of an Authentication-Results field
+        value, or None when it could not be read within the CPU bound that
+        all of the message's fields share (such a field counts as ours:
+        deleted, RFC 8601 §5)."""
+        left = limits.HEADER_CPU_SECONDS
+
+        def read(value: bytes) -> str | None:
+            nonlocal left
+            if self._helpers is None:
+                return isolation.authserv_id(None, None, value)
+            plain = isolation.plain_authserv_id(value)
+            if plain is not None:
+                return plain
+            if left < _LEAST_CPU:
+                return None
+            try:
+                ident, used = self._check("header", Budget(0.0), (value,), cpu=left)
+            except isolation.Stopped:
+                left = 0.0
+                return None
+            left -= used
+            return ident  # type: ignore[no-any-return]
+
+        return read
+
+    def _check(self, kind: str, budget: Budget, args: tuple[object, ...],
+               payload: bytes | None = None, cpu: float | None = None) -> tuple[object, float]:
+        """``isolation.CHECKS[kind]``: in a helper when isolated, else here.
+        Raises ``isolation.Stopped`` (logged and counted here)."""
+        helpers = self._helpers
+        if helpers is not None:
+            try:
+                return helpers.call(kind, args, self._resolver, budget, payload, cpu)
+            except isolation.Stopped as e:
+                self.metrics.stopped.labels(kind, e.cause).inc()
+                if e.cause != isolation.CANCELLED:
+                    log.warning("%s check stopped (%s): %s; counted as %s", kind, e.cause,
+                                e.detail, e.result)
+                raise
+            except isolation.Unavailable as e:
+                # Not expected (the zygote is killed only with the worker):
+                # the check runs here, unprotected, rather than mail waiting.
+                log.error("%s check run in the worker itself: %s", kind, e)
+        full = args if payload is None else (payload, *args)
+        return isolation.CHECKS[kind](self._resolver, budget, *full), 0.0
 
     def dkim_of(self, msg: Message, budget: Budget) -> tuple[DkimResult, ...]:
         """DKIM for a collected message: verified, or only reported when too large."""
@@ -266,7 +367,7 @@ class Engine:
             # check_dkim says); a large message is only not verified (neutral).
             result = "permerror" if msg.too_many_fields else "neutral"
             return unverified(msg.signatures(), msg.too_big, self._cfg.max_signatures, result)
-        return self.dkim(msg.message(), budget=budget)
+        return self.dkim(msg.message(), budget=budget, signatures=msg.signatures())
 
     def end_of_message(
         self, session: Session, iprev: Check[IprevResult] | None, spf: Check[SpfResult] | None,
@@ -286,6 +387,10 @@ class Engine:
 
 IPREV_UNFINISHED = IprevResult(Iprev.TEMPERROR, ptr_temperror=True, detail="did not finish in time")
 SPF_UNFINISHED = SpfResult("temperror", "", "mailfrom", "did not finish in time")
+
+# Less CPU than this left for a message's Authentication-Results fields: the
+# rest are not read (a helper's round trip alone costs about this much).
+_LEAST_CPU = 0.001
 
 
 # -- the message, within the limits -----------------------------------------------------------
@@ -307,11 +412,17 @@ class Message:
     ``leading_space``: values arrive with the space after the colon (libmilter's
     ``P_HDR_LEADSPC``, and ``ipv6milter-check``), so ``name:value`` rebuilds the
     field byte for byte.
+
+    ``read_id`` reads the authserv-id of an Authentication-Results value
+    (``Engine.authserv_ids``: in a helper, under a CPU bound); None stands for
+    a field it could not read, which counts as ours and is deleted.
     """
 
     def __init__(self, max_size: int, max_signatures: int, authserv_id: str,
-                 leading_space: bool = True):
+                 leading_space: bool = True,
+                 read_id: Callable[[bytes], str | None] | None = None):
         self.max_size = max_size
+        self._read_id = read_id or functools.partial(isolation.authserv_id, None, None)
         self.max_signatures = max_signatures
         self.authserv_id = authserv_id
         self._our_id = authserv_id.lower()
@@ -338,7 +449,8 @@ class Message:
         lname = name.rstrip(" \t").lower()
         if lname == "authentication-results":
             self.ar_count += 1
-            if authresults.authserv_id_of(value.decode("utf-8", "replace")) == self._our_id:
+            ident = self._read_id(value)
+            if ident is None or ident == self._our_id:
                 self._ours.append(self.ar_count)
         elif lname == _SIGNATURE:
             self.signed = True

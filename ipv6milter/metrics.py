@@ -92,6 +92,11 @@ class Metrics:
             "ipv6milter_check_duration_seconds",
             "Time spent in each check (ptr, spf, dkim) and waiting at end of message (message)",
             ["check"], buckets=_BUCKETS, registry=r))
+        self.stopped: Any = Children(Counter(
+            "ipv6milter_checks_stopped",
+            "Checks stopped in their helper process, by check (spf, dkim, header, from) and cause "
+            "(cpu: over the CPU bound; crash; timeout; cancelled; busy: no helper free)",
+            ["check", "cause"], registry=r))
         self.dns_cache: Any = Children(Counter(
             "ipv6milter_dns_cache_lookups", "DNS cache lookups by result (hit, miss)",
             ["result"], registry=r))
@@ -113,6 +118,8 @@ class Metrics:
             self.dns_cache.labels(label)
         for label in ("ok", "failed"):
             self.reloads.labels(label)
+        for check in ("spf", "dkim", "header", "from"):
+            self.stopped.labels(check, "cpu")
         self.mode = "enforce"  # the configured Mode, set by loaded()
 
     def loaded(self, cfg: Config) -> None:

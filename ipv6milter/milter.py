@@ -16,7 +16,7 @@ from typing import Any
 
 import Milter
 
-from . import alignment, authresults, logfmt, policy, spfcheck
+from . import alignment, authresults, limits, logfmt, policy, spfcheck
 from .engine import IPREV_UNFINISHED, SPF_UNFINISHED, Check, Engine, Message
 from .model import ACCEPT, DkimResult, IPAddress, IprevResult, Reply, Scope, SpfResult, Verdict
 
@@ -65,6 +65,46 @@ def _no_reply(fn: Callable[..., Any]) -> Callable[..., Any]:
         return Milter.CONTINUE
 
     return Milter.noreply(wrapper)
+
+
+# -- the SMTP arguments, bounded before any parser sees them (RFC 5321 §4.5.3.1) ------------
+
+# What an over-long HELO/EHLO argument reads as: not a domain name (SPF for
+# the null sender "none", %{h} "unknown", no smtp.helo in our header).
+HELO_TOO_LONG = "[too long]"
+
+
+def bounded_helo(helo: str) -> str:
+    return helo if len(helo) <= limits.SMTP_DOMAIN else HELO_TOO_LONG
+
+
+def sender_too_long(mail_from: str) -> SpfResult | None:
+    """SPF's answer for a MAIL FROM past the path bound, without a lookup
+    (RFC 7208 §4.3: no usable domain); None for one within it."""
+    if len(mail_from) <= limits.SMTP_PATH:
+        return None
+    return SpfResult("none", "", "mailfrom",
+                     f"MAIL FROM longer than {limits.SMTP_PATH} characters (RFC 5321 §4.5.3.1.3)")
+
+
+def bounded_recipient(rcpt: str) -> str:
+    """RCPT TO's argument as the parsers read it.
+
+    Past the path bound: the first ``SMTP_LOCAL_PART`` characters of the local
+    part and the last ``SMTP_DOMAIN`` of the domain (the labels nearest the
+    root are what the opt-in match reads).  Neither can be longer in an
+    address that can be delivered.
+    """
+    if len(rcpt) <= limits.SMTP_PATH:
+        return rcpt
+    close = ">" if rcpt.endswith(">") else ""
+    body = rcpt[: len(rcpt) - len(close)]
+    local, at, domain = body.rpartition("@")
+    if not at:
+        return body[: limits.SMTP_LOCAL_PART + 1] + close  # "+ 1": the "<"
+    # The last 255 characters: longer than any AcceptDomains entry (253), so
+    # an exact entry never matches, while a parent entry still can.
+    return local[: limits.SMTP_LOCAL_PART + 1] + "@" + domain[-limits.SMTP_DOMAIN :] + close
 
 
 @Milter.header_leading_space
@@ -128,6 +168,7 @@ class Ipv6Milter(Milter.Base):
             self.cfg.max_message_size, self.cfg.max_signatures,
             self.cfg.default_authserv_id(self.j or self.getsymval("j")),
             leading_space=bool(self._protocol & Milter.P_HDR_LEADSPC),
+            read_id=self.engine.authserv_ids(),
         )
 
     @_no_reply
@@ -156,27 +197,35 @@ class Ipv6Milter(Milter.Base):
 
     @Milter.noreply
     def hello(self, hostname: str) -> int:
-        self.helo = hostname
+        self.helo = bounded_helo(hostname)
         return Milter.CONTINUE
 
     @_no_reply
     def envfrom(self, mail_from: str, *params: str) -> None:
         self._reset_message()
         self.cfg = self.engine.cfg  # a reloaded configuration applies from here on
-        self.mail_from = mail_from
+        too_long = sender_too_long(mail_from)
+        self.mail_from = mail_from[: limits.SMTP_PATH]  # for the log only, past the bound
         authenticated = bool(self.getsymval("{auth_authen}"))
         self.scope = policy.classify(self.cfg, self.addr, authenticated)
         self.engine.metrics.transactions.labels(self.scope.value).inc()
         self.msg = self._new_message()
         if self._checks_wanted():
             self._start_iprev()
-            self._start_spf(mail_from)
+            if too_long is None:
+                self._start_spf(mail_from)
+            else:
+                self.session.cancel(self.parked_spf)
+                self.parked_spf = None
+                self.spf_chk = Check(lambda _budget: too_long, None, self.cfg.stage_timeout)
+                self.spf_chk.run()
         else:
             self.session.cancel(self.parked_spf)
             self.parked_spf = None
 
     @_guarded
     def envrcpt(self, rcpt: str, *params: str) -> int:
+        rcpt = bounded_recipient(rcpt)
         if self.conn_failed or self.failed:
             return self._internal_error("rcpt")
         if not self.scope.in_scope:
@@ -243,8 +292,8 @@ class Ipv6Milter(Milter.Base):
                 iprev, spf, dkim = self.engine.end_of_message(
                     self.session, self.iprev_chk, self.spf_chk, msg, budget=budget)
                 if cfg.alignment != "off":  # the _dmarc walks spend the same deadline
-                    aligned = alignment.evaluate(self.engine.resolver, cfg.alignment,
-                                                 msg.from_values, spf, dkim, budget)
+                    aligned = self.engine.alignment(cfg.alignment, msg.from_values, spf,
+                                                    dkim, budget)
             metrics.results.labels("iprev", iprev.result.value).inc()
             metrics.results.labels("spf", spf.result).inc()
             for r in dkim or (DkimResult("none"),):

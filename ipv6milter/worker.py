@@ -113,7 +113,7 @@ class Worker:
         self.number = number
         self.pipe = Receiver(pipe)
         limit_malloc_arenas()
-        self.engine = Engine(cfg)
+        self.engine = Engine(cfg, isolate=True)
         self.failure: str | None = None
 
     def reload(self, cfg: Config) -> None:

@@ -12,6 +12,19 @@ Attacks, each from clients of its own through the real Postfix:
     many-fields     120,000 DKIM-Signature fields after a filler past
                     MaxMessageSize
 
+and those of issue 16, each a super-linear step in a library or our own
+code on sender data (harmless now: the step is bounded or linear, or runs
+in a helper process under a CPU bound):
+
+    spf-long-label  MAIL FROM a domain whose SPF record is
+                    ``v=spf1 a:x.<60,000 letters>.y -all`` (over TCP)
+    body-spaces     a body line of 200 KB of spaces ending in a letter,
+                    under a relaxed-body signature
+    dkim-ws         five DKIM-Signature fields of 40-60 KB of white-space
+                    runs (in h=, around its colons, folded blank lines after b=)
+    ar-nested       forged Authentication-Results with 60 KB of nested
+                    comments in front of our authserv-id
+
 The probes tell whether the DKIM layer already refuses oversized keys and
 huge h= before it verifies (those caps live in dkimcheck.py): without them
 those two attacks can only be run once, small, and reported.
@@ -25,6 +38,7 @@ import smtplib
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import dkim
 import dns.message
@@ -45,6 +59,8 @@ INCLUDES = 3
 H_NAMES = 12_000
 H_FIELDS = 9_000
 MANY_FIELDS = 120_000
+LONG_LABEL = "longlabel.test"  # its SPF record has a 60,000-letter label
+LONG_LABEL_SENDER = f"a@{LONG_LABEL}"
 
 
 def _der_int(n: int) -> bytes:
@@ -77,6 +93,7 @@ def attack_zones() -> dict[str, list[str]]:
     return {
         SLOW: [f"* TXT {txt(f'v=spf1 {includes} -all')}"],
         SLOW_INC: [f"* TXT {txt('v=spf1 ?all')}"],
+        LONG_LABEL: [f"@ TXT {txt('v=spf1 a:x.' + 'q' * 60_000 + '.y -all')}"],
         BIGKEY: [
             f"big._domainkey TXT {txt(oversized_key_record())}",
             f"probe._domainkey TXT {txt(oversized_key_record(9000, 17))}",
@@ -144,6 +161,52 @@ def hbomb_message(mark: str, names: int = H_NAMES, fields: int = H_FIELDS) -> by
 def many_fields_message(mark: str, fields: int = MANY_FIELDS, filler: int = 1100) -> bytes:
     lines = [f"X-Filler{i}: {'f' * 1000}" for i in range(filler)]
     lines += [f"DKIM-Signature: v=1; b={i}" for i in range(fields)]
+    return make_message(mark, from_addr=SPF_FAIL_SENDER, to="rcpt@example.com",
+                        extra_headers=lines)
+
+
+def _fold(text: str, width: int = 900) -> str:
+    """``text`` folded (CRLF + space) every ``width`` characters: no line
+    past SMTP's 1000, and the white space stays white space once unfolded."""
+    return "\r\n ".join(text[i:i + width] for i in range(0, len(text), width))
+
+
+def body_spaces_message(mark: str, spaces: int = 200_000) -> bytes:
+    """A relaxed-body signature over a small body, then a body line of
+    ``spaces`` spaces ending in a letter, and one line with a trailing space
+    (so that trailing white space must be stripped over the whole body):
+    canonicalized before the hash is compared (the signature then fails)."""
+    msg = make_message(mark, from_addr=SPF_FAIL_SENDER, to="rcpt@example.com")
+    signed = _signed(msg, "good", [b"from", b"to", b"subject"])
+    head = signed.split(b"\r\n\r\n", 1)[0]
+    return head + b"\r\n\r\nx\r\n" + b" " * spaces + b"y\r\nend \r\n"
+
+
+def dkim_ws_message(mark: str, signatures: int = 5, run: int = 20_000) -> bytes:
+    """``signatures`` DKIM-Signature fields of 40-60 KB, mostly white-space
+    runs: around h='s colons, and folded blank lines after b=."""
+    msg = make_message(mark, from_addr=SPF_FAIL_SENDER, to="rcpt@example.com")
+    sig = _signed(msg, "good", [b"from", b"to", b"subject"])[: -len(msg)].decode()
+    value = sig.split(":", 1)[1].replace("\r\n", "")
+    tags = dict(p.strip().split("=", 1) for p in value.split(";") if "=" in p)
+    fields = []
+    for i in range(signatures):
+        ws = " " * (run + 2000 * i)
+        h = f"from{ws}:{ws}to:subject"
+        blank = "\r\n \r\n\t" * 1000
+        body = "; ".join(f"{k}={_fold(h) if k == 'h' else v}" for k, v in tags.items()
+                         if k != "b")
+        fields.append(f"DKIM-Signature: {body};\r\n b={tags['b']}{blank}\r\n".encode())
+    return b"".join(fields) + msg
+
+
+def ar_nested_message(mark: str, depth: int = 30_000, authserv_id: str = "mx.test.example",
+                      fields: int = 1) -> bytes:
+    """``fields`` forged Authentication-Results fields whose authserv-id (ours)
+    stands after ``depth`` nested comments (60 KB at 30,000): they must be
+    deleted all the same (RFC 8601 §5)."""
+    value = _fold("(" * depth + ")" * depth) + f" {authserv_id}; spf=pass"
+    lines = [f"Authentication-Results: {value}"] * fields
     return make_message(mark, from_addr=SPF_FAIL_SENDER, to="rcpt@example.com",
                         extra_headers=lines)
 
@@ -235,8 +298,10 @@ class Attacker(threading.Thread):
     """Runs one attack from its own connection until ``stop`` is set."""
 
     def __init__(self, name: str, port: int, stop: threading.Event, tally: Tally,
-                 message: bytes | None = None, flood: bool = False):
+                 message: bytes | None = None, flood: bool = False,
+                 sender: str = SPF_FAIL_SENDER):
         super().__init__(name=name, daemon=True)
+        self.sender = sender
         self.port = port
         self.stop = stop
         self.tally = tally
@@ -254,7 +319,7 @@ class Attacker(threading.Thread):
                         self._flood(s)
                     else:
                         assert self.message is not None
-                        send_one(s, SPF_FAIL_SENDER, self.message, self.tally)
+                        send_one(s, self.sender, self.message, self.tally)
                 finally:
                     _quit(s)
                 if self.once:
@@ -291,3 +356,108 @@ def wait_alive(threads: list[threading.Thread], timeout: float) -> list[str]:
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     return [t.name for t in threads if t.is_alive()]
+
+
+# -- the last line: a super-linear step planted in each path (issue 16) ------------------------
+
+BURN_MARK = "zzburn"  # IPV6MILTER_TEST_BURN: "<mark>spf", "<mark>dkim", "<mark>header",
+# "<mark>from" trigger
+
+
+def signed_example(mark: str, selector: str = "sel1", extra: list[str] | None = None,
+                   from_addr: str = "sender@example.com") -> bytes:
+    """A message from ``from_addr`` signed by example.com (``selector``),
+    carrying an Authentication-Results field of another host (``extra``)."""
+    msg = make_message(mark, from_addr=from_addr, to="rcpt@example.com",
+                       extra_headers=extra or ["Authentication-Results: other.example; spf=pass"])
+    key = make_key(1024, "example.com")[0]
+    return dkim.sign(msg, selector.encode(), b"example.com", key,
+                     canonicalize=(b"relaxed", b"relaxed"),
+                     include_headers=[b"from", b"to", b"subject"]) + msg
+
+
+@dataclass
+class Timed:
+    start: float
+    end: float
+    summary: str
+    eom: object = None
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def timed_run(port: int, case: object) -> Timed:
+    """One whole transaction straight to the milter (hostile.run), timed; the
+    summary names the Authentication-Results fields deleted (``deleted=1``)."""
+    from .hostile import run
+    from .milterclient import MilterConnection
+
+    start = time.monotonic()
+    eoms = []
+    with MilterConnection("127.0.0.1", port, timeout=90) as conn:
+        message = conn.message
+
+        def keep(*args: Any) -> Any:
+            answers = message(*args)
+            eoms.append(answers[1])
+            return answers
+
+        conn.message = keep  # type: ignore[method-assign]
+        out = run(conn, case)  # type: ignore[arg-type]
+    summary = out.summary + "".join(f" !{p}" for p in out.problems)
+    deleted = [i for eom in eoms if eom is not None for i, name, value in eom.changed_headers()
+               if name.lower() == "authentication-results" and not value]
+    if deleted:
+        summary += " deleted=" + ",".join(map(str, deleted))
+    return Timed(start, time.monotonic(), summary)
+
+
+class LegitLoop(threading.Thread):
+    """Legitimate transactions (each its own connection), timed, ``pause``
+    seconds apart: a steady stream, not a load that starves the machine."""
+
+    def __init__(self, name: str, port: int, case: object, pause: float = 0.05):
+        super().__init__(name=name, daemon=True)
+        self.port, self.case, self.pause = port, case, pause
+        self.done: list[Timed] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(self.pause):
+                self.done.append(timed_run(self.port, self.case))
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of a milter's workers (their own threads) and of
+    their check helpers (live ones, and those reaped by the zygotes)."""
+    from pathlib import Path
+
+    from tests.lab import cpu_seconds, tree_pids
+
+    workers = helpers = 0.0
+    for p in tree_pids(pid)[1:]:
+        try:
+            comm = Path(f"/proc/{p}/comm").read_text().strip()
+            if comm.startswith("ipv6milter-zyg"):
+                helpers += cpu_seconds(p, children=True)
+            elif comm.startswith("ipv6milter-chk"):
+                helpers += cpu_seconds(p)
+            elif comm.startswith("ipv6milter-w"):
+                workers += cpu_seconds(p)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return workers, helpers
+
+
+def reply_mix(replies: list[str]) -> str:
+    """``250 x3, 450 4.7.26 x2``: the replies to DATA (and RCPT/MAIL refusals)."""
+    from collections import Counter
+
+    kinds = Counter(" ".join(r.split()[:2]) if r != "250" else "250" for r in replies)
+    return ", ".join(f"{k} x{n}" for k, n in kinds.most_common())

@@ -237,6 +237,7 @@ ALLOWED_PRIVILEGED = {
     ("metricsserver.py", "os.open(parent)"),  # the metrics directory's parent, to remove it
     ("supervisor.py", "os.fork()"),  # the workers, the metrics server
     ("privileges.py", "os.fork()"),  # the checks as UserID (at the start, at a reload)
+    ("isolation.py", "os.fork()"),  # a worker's check helpers, and the zygote forking them
     ("listener.py", "os.rename(bind_path)"),
     ("listener.py", "os.chown(bind_path)"),  # the socket, to UserID (SPEC §4)
     ("metricsserver.py", "os.chown(self.fd)"),  # made by root, for UserID's processes

@@ -713,3 +713,66 @@ def test_recipient_without_domain_is_judged_like_an_opted_in_one(resolver: FakeR
     out = ctx.transaction("x@fail.example", ["PostMaster", "root"], message())
     assert out["rcpt"][0] == (Milter.CONTINUE, None)
     assert out["eom"] == Milter.CONTINUE  # postmaster alone: no policy at end of message
+
+
+# -- SMTP arguments past RFC 5321's bounds (limits.py, SMTP section) ------------------------
+
+
+def test_an_over_long_helo_is_not_a_domain_name(
+        resolver: FakeResolver, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD, helo="mail." + "a" * 300 + ".example.com")
+    with caplog.at_level(logging.INFO, logger="ipv6milter"):
+        out = ctx.transaction("", ["b@example.org"], message(sign=True))
+    assert out["eom"] == Milter.CONTINUE, out  # DKIM passes
+    assert results(ctx)["spf"] == "none"  # the null sender: HELO identity, not a domain
+    assert not [q for q in resolver.asked if q[1] == "TXT" and "aaaa" in q[0]]
+    assert 'helo="[too long]"' in caplog.text
+
+
+@pytest.mark.parametrize("local", [300, 60_000])
+def test_an_over_long_mail_from_is_spf_none_without_a_lookup(
+        resolver: FakeResolver, local: int) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("a" * local + "@example.com", ["b@example.org"], message(sign=True))
+    assert out["eom"] == Milter.CONTINUE, out
+    assert results(ctx) == {"iprev": "pass", "spf": "none", "dkim": "pass"}
+    assert ("example.com", "TXT") not in resolver.asked
+
+
+def test_a_mail_from_at_the_bound_is_checked() -> None:
+    from ipv6milter import limits
+    from ipv6milter.milter import sender_too_long
+
+    at_bound = "<" + "a" * (limits.SMTP_PATH - 14) + "@example.com>"
+    assert len(at_bound) == limits.SMTP_PATH
+    assert sender_too_long(at_bound) is None
+    assert sender_too_long(at_bound[:-1] + "m>") is not None
+
+
+@pytest.mark.parametrize(("rcpt", "reads_as"), [
+    ("<b@example.org>", "<b@example.org>"),
+    ("<" + "a" * 300 + "@example.org>", "<" + "a" * 64 + "@example.org>"),
+    ("<b@" + "x." * 3000 + "example.net>", "<b@" + ("x." * 3000 + "example.net")[-255:] + ">"),
+    ("<b@" + "y" * 3000 + ".example.org>", "<b@" + "y" * 243 + ".example.org>"),
+    ("<" + "r" * 3000 + ">", "<" + "r" * 64 + ">"),
+])
+def test_a_recipient_is_read_within_the_bounds(rcpt: str, reads_as: str) -> None:
+    from ipv6milter.milter import bounded_recipient
+
+    assert bounded_recipient(rcpt) == reads_as
+    assert len(bounded_recipient(rcpt)) <= 256 + 64
+
+
+def test_over_long_recipients_keep_their_defined_replies(resolver: FakeResolver) -> None:
+    ctx = ctx_for(cfg(), resolver)
+    ctx.connect(GOOD)
+    out = ctx.transaction("a@example.com", [
+        "a" * 300 + "@example.org",  # a long local part: judged by its domain
+        "b@" + "x." * 3000 + "example.net",  # under .example.net: judged
+        "b@" + "y" * 3000 + ".example.org",  # example.org is exact: never this domain
+    ], message())
+    assert [rc for rc, _ in out["rcpt"]] == [Milter.CONTINUE, Milter.CONTINUE, Milter.REJECT]
+    assert out["rcpt"][2][1][:2] == ("550", "5.2.1"), out["rcpt"][2]
+    assert out["eom"] == Milter.CONTINUE
