@@ -346,6 +346,31 @@ def test_self_test_passes_on_the_running_service(world: World) -> None:
                          r" which answers \(milter protocol version 6\)$", out, re.M), out
 
 
+def test_unit_lets_the_milter_lower_a_helpers_priority(world: World) -> None:
+    """The unit's system call filter, as installed, run by systemd: a
+    process of user ipv6milter can renice its child to 19, as the isolation
+    does to a helper whose check runs long (a filtered setpriority fails
+    with EPERM, and the milter carries on without the demotion)."""
+    unit = world.path("/lib/systemd/system/ipv6milter.service").read_text()
+    filters = [line for line in unit.splitlines()
+               if line.startswith(("SystemCallFilter=", "SystemCallErrorNumber=",
+                                   "SystemCallArchitectures="))]
+    assert filters, unit
+    world.path("/var/tmp/priority.pl").write_text(
+        "my $p = fork(); if ($p == 0) { sleep 5; exit 0 }\n"
+        "print setpriority(0, $p, 19) ? 'nice ' . getpriority(0, $p) : 'error ' . $!;\n"
+        "kill 'TERM', $p; waitpid($p, 0);\n")
+    world.path("/etc/systemd/system/priority-probe.service").write_text(
+        "[Service]\nType=oneshot\nUser=ipv6milter\nExecStart=/usr/bin/perl /var/tmp/priority.pl\n"
+        "StandardOutput=truncate:/var/tmp/priority.out\n" + "\n".join(filters) + "\n")
+    try:
+        world.sh("systemctl daemon-reload && systemctl start priority-probe.service")
+        assert world.path("/var/tmp/priority.out").read_text() == "nice 19"
+    finally:
+        world.sh("rm -f /etc/systemd/system/priority-probe.service /var/tmp/priority.* "
+                 "&& systemctl daemon-reload")
+
+
 # -- Postfix, as README.Debian wires it -----------------------------------------------------
 
 
