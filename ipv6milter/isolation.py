@@ -402,7 +402,10 @@ def _serve(conn: _Pipe) -> None:
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
         end = time.process_time()
-        conn.send((*reply, end - start, end))
+        try:
+            conn.send((*reply, end - start, end))
+        except OSError:  # the worker is gone (stopped, or killed): so is the question
+            return
 
 
 def _helper_main(fd: int, zygote: int) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -168,6 +169,9 @@ class Resolver:
             dns.name.LabelTooLong,
             dns.name.EmptyLabel,
             dns.name.BadEscape,  # "a\" from a HELO expanded by SPF's %{h}
+            # dnspython 2.3 (Debian 12's) packs a decimal escape over 255
+            # ("x\999") without checking it: struct.error, not BadEscape.
+            struct.error,
             dns.name.IDNAException,
             dns.resolver.YXDOMAIN,
             dns.resolver.NoRootSOA,

@@ -5,7 +5,7 @@ A ``Row`` is one sender-controlled input in one shape that hurts regular
 expressions (runs of white space, folded blank lines, nested parentheses,
 repeated separators, long labels, many strings).  ``measure`` builds it at
 each size from ``smallest`` to ``largest`` (doubling), runs the parser on it,
-and keeps the least CPU of a few runs (the machine is shared and noisy; the
+and keeps the least CPU of five samples (the machine is shared and noisy; the
 least is the parser's own cost).  A quadratic step costs 4x per doubling, a
 linear one 2x: the test allows 2.5x on average and 3x for the last doubling.
 """
@@ -38,7 +38,7 @@ class Row:
 
 # The least measurable time: a call faster than this is repeated until the
 # repetitions together take it, so a doubling is never measured in noise.
-_RESOLUTION = 0.004
+_RESOLUTION = 0.01
 
 
 def _cpu(row: Row, value: Any, repeat: int) -> float:
@@ -48,7 +48,7 @@ def _cpu(row: Row, value: Any, repeat: int) -> float:
     return (time.thread_time() - start) / repeat
 
 
-def measure(row: Row, runs: int = 3) -> list[tuple[int, float]]:
+def measure(row: Row, runs: int = 5) -> list[tuple[int, float]]:
     """``(size, seconds of CPU per call)`` from ``smallest`` to ``largest``."""
     sizes = []
     n = row.smallest
@@ -56,15 +56,13 @@ def measure(row: Row, runs: int = 3) -> list[tuple[int, float]]:
         sizes.append(n)
         n *= 2
     sizes.append(row.largest)
-    # Calibrate the repetitions on the smallest input, and keep them for all
-    # sizes (the per-call cost is what is compared).
-    value = row.build(sizes[0])
-    once = max(_cpu(row, value, 1), 1e-7)
-    repeat = max(1, min(2000, int(_RESOLUTION / once) + 1))
     table = []
     for size in sizes:
         value = row.build(size)
-        reps = max(1, repeat * sizes[0] // size)
+        # Each sample repeats the call until it takes ``_RESOLUTION`` of CPU,
+        # so that no size is measured in the timer's and the scheduler's noise.
+        once = max(_cpu(row, value, 1), 1e-7)
+        reps = max(1, min(2000, int(_RESOLUTION / once) + 1))
         # The cyclic collector's full passes cost in proportion to everything
         # the test process holds, not to the input: collected before, paused
         # during, so that a doubling measures the parser and nothing else.
