@@ -19,7 +19,11 @@ APT_DEB  := build-essential debhelper dh-python pybuild-plugin-pyproject python3
 APT_RPM  := rpm rpm2cpio cpio python3-build python3-installer python3-setuptools python3-wheel
 APT_MAN  := groff-base man-db systemd
 APT_PACKAGING := $(APT_DEB) $(APT_RPM) $(APT_MAN) python3-pytest python3-pytest-timeout python3-hypothesis
-APT_TEST := $(APT_RUN) postfix knot iproute2 openssl m4 prometheus $(APT_PACKAGING)
+# The clean-root package test (tests/packaging/test_cleanroot.py): mmdebstrap
+# builds a minimal Debian 12, systemd-nspawn boots it.
+APT_CLEANROOT := mmdebstrap systemd-container
+APT_TEST := $(APT_RUN) postfix knot iproute2 openssl m4 prometheus $(APT_PACKAGING) \
+            $(APT_CLEANROOT)
 
 .PHONY: run test lint unit integration deps-run deps-test clean deb rpm man
 

@@ -13,6 +13,7 @@ Postfix:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
@@ -121,11 +122,28 @@ def _reloads(m: MilterProcess) -> int:
     return m.log_text().count("configuration reloaded")
 
 
+def _workers(m: MilterProcess) -> int:
+    """The worker processes of ``m`` (named ipv6milter-wN by the supervisor)."""
+    pid = m.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    names = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{child}/comm").read_text())
+    return sum(name.startswith("ipv6milter-w") for name in names)
+
+
 def _reload(m: MilterProcess, text: str) -> None:
     before = _reloads(m)
+    applied = m.log_text().count("uses the new configuration")
+    workers = _workers(m)
     m.config.write_text(text)
     m.proc.send_signal(signal.SIGHUP)
     wait_until("reload", lambda: _reloads(m) > before)
+    # The supervisor hands the checked configuration down each worker's pipe
+    # after its own line: the next transaction must find every worker on it.
+    wait_until("every worker on the new configuration",
+               lambda: m.log_text().count("uses the new configuration") >= applied + workers)
 
 
 def test_share_0_accepts_and_stamps_what_100_refuses_and_a_reload_switches(

@@ -77,6 +77,38 @@ def run(
     return r
 
 
+SHIPPED_GUIDES = {"README.md", "docs/admin-guide.md", "docs/configuration.md",
+                  "docs/operations.md"}
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to '-'."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+\s+(.*)$", markdown, re.M)}
+
+
+def dead_links(doc: Path) -> list[str]:
+    """The relative links of the guides in ``doc`` (a package's documentation
+    directory, unpacked) that lead to no file, or no heading, in ``doc``;
+    the guides must all be there, in the source tree's layout."""
+    pages = sorted(doc.rglob("*.md"))
+    have = {p.relative_to(doc).as_posix() for p in pages}
+    assert have >= SHIPPED_GUIDES, f"missing from {doc}: {SHIPPED_GUIDES - have}"
+    dead = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # an absolute URL
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.is_file() or not dest.is_relative_to(doc.resolve()):
+                dead.append(f"{page.relative_to(doc)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
+                dead.append(f"{page.relative_to(doc)}: {target} (no such heading)")
+    assert not dead, "\n".join(dead)
+    return dead
+
+
 def needs_root_on_debian() -> None:
     if os.environ.get("IPV6MILTER_SKIP_PACKAGING"):
         pytest.skip("IPV6MILTER_SKIP_PACKAGING is set")

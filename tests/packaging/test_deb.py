@@ -27,7 +27,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SYSTEM_ENV, Built, install_requires, parse_unit, run, version
+from .conftest import (
+    REPO,
+    SYSTEM_ENV,
+    Built,
+    dead_links,
+    install_requires,
+    parse_unit,
+    run,
+    version,
+)
 from .mta import PrivatePostfix, SmtpSink, send, wait_for
 
 UNIT_PATH = Path("/lib/systemd/system/ipv6milter.service")
@@ -122,6 +131,13 @@ def test_deb_contents_and_dependencies(built_deb: Built) -> None:
     assert "adduser" in names
     conffiles = run(["dpkg-deb", "-I", str(built_deb.path), "conffiles"], timeout=60).stdout
     assert conffiles.split() == ["/etc/ipv6milter/ipv6milter.conf"]
+
+
+def test_shipped_docs_link_only_to_shipped_files(built_deb: Built, tmp_path: Path) -> None:
+    """Every relative link in the guides the package ships leads to a file
+    (and heading) in /usr/share/doc/ipv6milter, not to one left in the sources."""
+    run(["dpkg-deb", "-x", str(built_deb.path), str(tmp_path)], timeout=60)
+    assert not dead_links(tmp_path / "usr/share/doc/ipv6milter")
 
 
 # -- install ------------------------------------------------------------------------
@@ -279,10 +295,11 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def reload(self) -> None:
-        """The unit's ExecReload, $MAINPID substituted."""
+        """The unit's ExecReload as systemd runs it: "$$" is a literal "$",
+        and $MAINPID is in the environment of the command."""
         assert self.proc is not None
-        argv = shlex.split(self.unit["ExecReload"][0].replace("$MAINPID", str(self.proc.pid)))
-        run(argv, timeout=30)
+        argv = [a.replace("$$", "$") for a in shlex.split(self.unit["ExecReload"][0])]
+        run(argv, timeout=30, env={**SYSTEM_ENV, "MAINPID": str(self.proc.pid)})
 
     def stop(self) -> int | None:
         if self.proc is None:

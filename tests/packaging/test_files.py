@@ -4,6 +4,7 @@ unit, the packaged configuration file, the man pages, the version numbers."""
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -41,13 +42,26 @@ HARDENING = {
 def test_unit_runs_the_milter_in_the_foreground_as_its_user() -> None:
     u = parse_unit(UNIT)
     assert u["ExecStart"] == ["/usr/bin/ipv6milter -c /etc/ipv6milter/ipv6milter.conf"]
-    assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert u["ExecReload"] == ["/bin/sh -c 'kill -HUP \"$$MAINPID\"'"]
     assert u["Type"] == ["exec"]  # foreground: no forking, no PIDFile
     assert u["User"] == ["ipv6milter"] and u["Group"] == ["ipv6milter"]
     assert u["RuntimeDirectory"] == ["ipv6milter"]
     # The MTA's user, in group ipv6milter, must be able to enter the directory.
     assert int(u["RuntimeDirectoryMode"][0], 8) & 0o050 == 0o050
     assert u["WantedBy"] == ["multi-user.target"]
+
+
+def test_unit_reloads_with_what_every_debian_system_has() -> None:
+    """ExecReload's program comes from an Essential package: a minimal
+    system has no procps, whose /bin/kill would fail with 203/EXEC."""
+    program = shlex.split(parse_unit(UNIT)["ExecReload"][0])[0]
+    owner = subprocess.run(["dpkg-query", "-S", program], capture_output=True, text=True,
+                           timeout=60)
+    assert owner.returncode == 0, f"no package ships {program}"
+    package = owner.stdout.splitlines()[-1].split(":")[0].strip()
+    essential = subprocess.run(["dpkg-query", "-W", "-f", "${Essential}", package],
+                               capture_output=True, text=True, timeout=60).stdout
+    assert essential == "yes", f"{program} is {package}'s, which is not Essential"
 
 
 @pytest.mark.parametrize(("key", "value"), HARDENING.items())

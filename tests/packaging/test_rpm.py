@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .conftest import Built, install_requires, run, version
+from .conftest import Built, dead_links, install_requires, run, version
 
 # setup.cfg's install_requires -> the Fedora/EL package that provides it.
 FEDORA = {
@@ -51,6 +51,12 @@ def test_rpm_file_list(built_rpm: Built) -> None:
     assert sitelib, "the ipv6milter module is not in site-packages"
     assert any(f.endswith(f"/ipv6milter-{version()}.dist-info/entry_points.txt") for f in files)
     assert not any("/tests/" in f for f in files), "the test suite is packaged"
+
+
+def test_rpm_docs_link_only_to_shipped_files(built_rpm: Built, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run(["sh", "-c", f"cd {tmp_path} && rpm2cpio {built_rpm.path} | cpio -id --quiet "
+         "'./usr/share/doc/*'"], timeout=60)
+    assert not dead_links(tmp_path / "usr/share/doc/ipv6milter")
 
 
 def test_rpm_config_file_is_noreplace(built_rpm: Built) -> None:
