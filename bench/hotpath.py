@@ -1,6 +1,6 @@
 """CPU per message on the milter's hot path, in one process, no MTA, no Knot.
 
-    python -m bench.hotpath [--messages N] [--rounds R] [--components]
+    python -m bench.hotpath [--messages N] [--rounds R] [--components] [--isolate]
 
 A tiny DNS responder on 127.0.0.1 (dnspython, a thread of this process)
 serves the benchmark's zone (bench/servers.py's ``build_zones``); the real
@@ -9,6 +9,11 @@ a 4 KB DKIM-signed message N times after a warm-up, so that every answer
 comes from the resolver's cache as under load.  Prints the median over R
 rounds of the process CPU time (every thread: the check pool included) and
 of the wall time per message, in microseconds.
+
+``--isolate`` runs the checks as the daemon's workers do, in helper
+processes (``Engine(cfg, isolate=True)``, isolation.py): the CPU is then
+this process's and its helpers' (every descendant's, from /proc), and the
+difference to a run without it is what the isolation costs.
 
 ``--components`` also ranks where that CPU goes: the same loop with the checks
 run inline (bench/micro.py's ``InlineEngine``: one thread, every step in it;
@@ -46,6 +51,7 @@ import dns.zone
 
 from ipv6milter import config
 from ipv6milter.engine import Engine
+from ipv6milter.logfmt import lean_records
 
 from .load import make_message
 from .micro import InlineEngine, negotiated_protocol, one_message, split_message
@@ -146,7 +152,7 @@ def components(raw: str, top: dict[str, dict[str, int]] | None = None) -> dict[s
 class Responder:
     """Answers from dnspython zones, over UDP on 127.0.0.1 (a free port)."""
 
-    def __init__(self, zones: dict[str, list[str]]):
+    def __init__(self, zones: dict[str, list[str]], start: bool = True):
         self.zones = [
             dns.zone.from_text("$TTL 3600\n@ SOA ns. h. 1 3600 600 86400 300\n@ NS ns.\n"
                                + "\n".join(lines) + "\n", origin=origin, relativize=True)
@@ -155,6 +161,10 @@ class Responder:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        if start:
+            self.start()
+
+    def start(self) -> None:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -184,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.hotpath")
     p.add_argument("--messages", type=int, default=400)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--isolate", action="store_true",
+                   help="checks in helper processes, as in the daemon's workers")
     p.add_argument("--components", action="store_true",
                    help="rank the CPU per message by component (py-spy, checks inline)")
     args = p.parse_args(argv)
     private, record = make_key(2048)
-    responder = Responder(build_zones(record))
+    # The helpers' zygote is forked before any thread exists (Engine's rule):
+    # the responder's thread starts after the engine.
+    responder = Responder(build_zones(record), start=False)
     with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as fh:
         fh.write(f"AcceptDomains bench.example\nTrustedHosts 127.0.0.2\n"
                  f"Nameservers 127.0.0.1:{responder.port}\n")
@@ -197,25 +211,57 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(open("/dev/null", "w"))  # noqa: SIM115
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
-    engine = Engine(cfg)
+    lean_records()  # as the daemon's setup_logging does
+    engine = Engine(cfg, isolate=args.isolate)
+    responder.start()
+    clock = tree_cpu if args.isolate else time.process_time
     protocol = negotiated_protocol()
     headers, chunks = split_message(make_message(4096, private))
     for _ in range(20):
         one_message(engine, headers, chunks, protocol)
     cpu, wall = [], []
     for _ in range(args.rounds):
-        c, w = time.process_time(), time.perf_counter()
+        c, w = clock(), time.perf_counter()
         for _ in range(args.messages):
             one_message(engine, headers, chunks, protocol)
-        cpu.append((time.process_time() - c) / args.messages * 1e6)
+        cpu.append((clock() - c) / args.messages * 1e6)
         wall.append((time.perf_counter() - w) / args.messages * 1e6)
-    print(f"4 KB DKIM-signed message, {args.messages} x {args.rounds} rounds: "
+    where = " (checks in helpers: this process and its helpers)" if args.isolate else ""
+    print(f"4 KB DKIM-signed message{where}, {args.messages} x {args.rounds} rounds: "
           f"CPU {statistics.median(cpu):.0f} us/msg (rounds {', '.join(f'{x:.0f}' for x in cpu)}),"
           f" wall {statistics.median(wall):.0f} us/msg")
     if args.components:
         rank_components(cfg, headers, chunks, protocol, args.messages, args.rounds,
                         statistics.median(cpu))
     return 0
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and every live descendant
+    (the helpers' zygote and the helpers), from /proc."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS)
+    ours, total, grew = {os.getpid()}, 0.0, True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in stats.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    for pid in ours:
+        total += stats.get(pid, (0, 0.0))[1]
+    return total
 
 
 def rank_components(cfg: config.Config, headers: list[tuple[str, bytes]], chunks: list[bytes],

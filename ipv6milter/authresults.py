@@ -7,6 +7,7 @@ a HELO argument must never smuggle a ``;`` or a comment into the header.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -136,14 +137,24 @@ def results_for(
     return out
 
 
+@functools.cache
+def _flat_layout() -> bool:
+    """Whether authres writes a header as its authserv-id and its clauses
+    joined by ``"; "`` (authres 1.2: ``header_value``).  Its layout is code,
+    not data: asked once per process, on a header of two clauses, instead
+    of rendering every clause a second time for each message."""
+    probe = [authres.DKIMAuthenticationResult(result="pass", header_d="a.example"),
+             authres.SPFAuthenticationResult(result="none")]
+    hdr = authres.AuthenticationResultsHeader(authserv_id="mx.example", results=probe)
+    return hdr.header_value() == "; ".join([hdr.authserv_id, *map(str, hdr.results)])
+
+
 def header_value(authserv_id: str, results: Iterable[authres.core.BaseAuthenticationResult]) -> str:
     """The folded value for ``addheader``: one result clause per line."""
     hdr = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=list(results))
-    clauses = [str(r) for r in hdr.results]
-    flat = hdr.header_value()
-    if flat != "; ".join([hdr.authserv_id, *clauses]):  # authres changed its layout
-        return flat
-    return ";\n\t".join([hdr.authserv_id, *clauses])
+    if not hdr.results or not _flat_layout():  # authres's own layout (none result, or changed)
+        return hdr.header_value()
+    return ";\n\t".join([hdr.authserv_id, *map(str, hdr.results)])
 
 
 def build(

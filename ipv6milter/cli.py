@@ -68,6 +68,7 @@ def setup_logging(cfg: Config, syslog_address: str | None = None) -> None:
             sh.setFormatter(_Escaping("ipv6milter[%(process)d]: %(message)s"))
             root.addHandler(sh)
     root.setLevel(level)
+    logfmt.lean_records()  # neither format above prints a caller or a thread
 
 
 def load(path: str | None) -> Config:

@@ -71,6 +71,15 @@ log = logging.getLogger(__name__)
 MAX_HELPERS = 32
 # Helpers kept idle, started before the first check and after each death.
 IDLE_HELPERS = 2
+# A helper beyond those, started for checks that overlapped, stays idle this
+# long after its last check before it is ended: under steady concurrent load
+# (c=8: a few checks in flight at any time) ending it at once made nearly
+# every check fork a helper and reap it again, a fork of the worker and its
+# page faults costing milliseconds of CPU, several times the check itself.
+IDLE_SECONDS = 60.0
+# Helpers kept idle at most: each holds a few MiB of its own; a burst past
+# this many overlapping checks still forks (and ends) the rest.
+MAX_IDLE_HELPERS = 8
 # Checks one helper runs before it is replaced (whatever it accumulated:
 # fragmented memory, caches of dkimpy's and pyspf's).
 CHECKS_PER_HELPER = 10_000
@@ -231,8 +240,20 @@ class _Pipe:
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
 
-    def send(self, obj: Any) -> None:
-        self.send_bytes(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+    def send(self, obj: Any, raw: bytes | None = None) -> None:
+        """``obj`` pickled; then ``raw``, if given, as a frame of its own
+        (``recv_bytes``), in the same write: the helper reads a check's
+        request and its message without waking up twice."""
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        if raw is None:
+            self.send_bytes(data)
+            return
+        head = len(data).to_bytes(8, "little") + data + len(raw).to_bytes(8, "little")
+        if len(raw) < 65536:
+            self.sock.sendall(head + raw)
+        else:  # no copy of a large message for the sake of one write
+            self.sock.sendall(head)
+            self.sock.sendall(raw)
 
     def send_bytes(self, data: bytes) -> None:
         head = len(data).to_bytes(8, "little")
@@ -539,18 +560,21 @@ class _Helper:
     checks: int = 0
     cpu_base: float = 0.0  # the helper's CPU seconds when its last check ended
     demoted: bool = False
+    idle_since: float = 0.0  # time.monotonic() when it last became idle
 
 
 class Helpers:
     """A worker's check helpers.  Construct before any thread exists."""
 
     def __init__(self, cpu_seconds: float = limits.CHECK_CPU_SECONDS,
-                 most: int = MAX_HELPERS, idle: int = IDLE_HELPERS):
+                 most: int = MAX_HELPERS, idle: int = IDLE_HELPERS,
+                 idle_seconds: float = IDLE_SECONDS):
         if _burn_marker() is not None:  # read once, before the fork
             _seconds_per_step()
         self.cpu_seconds = cpu_seconds
         self.most = most
         self.keep_idle = idle
+        self.idle_seconds = idle_seconds
         self._zygote = _Zygote()
         self._cond = threading.Condition()
         self._idle: list[_Helper] = []
@@ -590,9 +614,7 @@ class Helpers:
         helper.checks += 1
         try:
             conn.send((kind, args, budget.deadline, budget.dns_bytes, resolver.timeout, cpu,
-                       payload is not None, budget.trace is not None))
-            if payload is not None:
-                conn.send_bytes(payload)
+                       payload is not None, budget.trace is not None), payload)
             while True:
                 wait = limit - time.monotonic()
                 if getattr(budget, "cancelled", False):
@@ -659,11 +681,27 @@ class Helpers:
 
     def _release(self, helper: _Helper, healthy: bool) -> None:
         if healthy and helper.checks < CHECKS_PER_HELPER and not helper.demoted:
+            stale: list[_Helper] = []
             with self._cond:
-                if not self._closed and len(self._idle) < self.keep_idle:
+                kept = not self._closed and len(self._idle) < max(self.keep_idle,
+                                                                  MAX_IDLE_HELPERS)
+                if kept:
+                    now = time.monotonic()
+                    helper.idle_since = now
                     self._idle.append(helper)
                     self._cond.notify()
-                    return
+                    # Checks take the most recently idle (the list's end); past
+                    # the helpers always kept, the longest idle end once they
+                    # have been idle for idle_seconds.
+                    while (len(self._idle) - len(stale) > self.keep_idle
+                           and now - self._idle[len(stale)].idle_since > self.idle_seconds):
+                        stale.append(self._idle[len(stale)])
+                    del self._idle[: len(stale)]
+                    self._live -= len(stale)
+            if kept:
+                for old in stale:
+                    self._end(old)
+                return
         self._end(helper)
         with self._cond:
             self._live -= 1

@@ -428,3 +428,55 @@ def test_without_its_zygote_a_worker_still_answers_every_check(
     assert set(results) <= {"pass", "temperror"}
     assert results[-1] == "pass"
     assert "run in the worker itself" in caplog.text
+
+
+class _GatedResolver(FakeResolver):
+    """Holds every lookup until ``gate`` is set: checks that overlap."""
+
+    def __init__(self, gate: threading.Event, **kwargs: object):
+        super().__init__(zone().zone)
+        self.gate = gate
+
+    def query(self, name: object, rdtype: str, budget: Budget) -> list[object]:
+        self.gate.wait(10)
+        return super().query(name, rdtype, budget)
+
+
+def _overlapping_checks(h: isolation.Helpers, n: int) -> None:
+    gate = threading.Event()
+    r = _GatedResolver(gate)
+    threads = [threading.Thread(target=h.call, args=("spf", (ADDR, "a@example.com", "h"), r,
+                                                       Budget(5))) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while h._live < n and time.monotonic() < deadline:  # every check has its helper
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+
+
+def test_helpers_started_for_overlapping_checks_stay_for_the_next_ones() -> None:
+    """Under concurrent load each check would otherwise fork a helper and
+    reap it again: the helpers a burst started serve the next burst."""
+    h = isolation.Helpers(cpu_seconds=CPU, most=4, idle=1)
+    try:
+        _overlapping_checks(h, 3)
+        first = sorted(x.pid for x in h._idle)
+        assert len(first) == 3
+        _overlapping_checks(h, 3)
+        assert sorted(x.pid for x in h._idle) == first  # no helper forked again
+    finally:
+        h.close()
+
+
+def test_helpers_idle_past_idle_seconds_end_down_to_the_kept_ones() -> None:
+    h = isolation.Helpers(cpu_seconds=CPU, most=4, idle=1, idle_seconds=0.0)
+    try:
+        _overlapping_checks(h, 3)
+        time.sleep(0.01)
+        h.call("spf", (ADDR, "a@example.com", "h"), zone(), Budget(5))
+        assert len(h._idle) == 1 and h._live == 1  # the surplus ended, one kept
+    finally:
+        h.close()
