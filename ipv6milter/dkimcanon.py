@@ -112,8 +112,18 @@ def relaxed_body(body: bytes) -> bytes:
     return canon.correct_empty_body(canon.strip_trailing_lines(b"".join(pieces)))
 
 
-def unfold_header_value(content: bytes) -> bytes:
+def _unfold_line_ends(content: bytes) -> bytes:
     return content.replace(b"\r\n", b"").replace(b"\n", b"")
+
+
+def _unfold_crlf(content: bytes) -> bytes:
+    return content.replace(b"\r\n", b"")
+
+
+# dkimpy 1.1 removes "\r?\n", 1.0.5 (Debian 12's python3-dkim) only "\r\n":
+# the replacement does what the installed dkimpy does.
+unfold_header_value = (_unfold_line_ends
+                       if dkim.canonicalization.unfold_header_value(b"\n") == b"" else _unfold_crlf)
 
 
 def hash_headers(hasher: object, canonicalize_headers: object, headers: Sequence[Sequence[bytes]],
