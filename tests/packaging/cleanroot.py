@@ -36,7 +36,7 @@ import dns.query
 import dns.rcode
 
 from tests.integration.netlab import socket_in_netns
-from tests.lab import zone_file
+from tests.lab import stop_process, zone_file
 
 from .conftest import REPO, SYSTEM_ENV, run
 
@@ -233,12 +233,7 @@ def knot(ns: str, workdir: Path, zones: dict[str, list[str]]) -> Iterator[None]:
         assert proc.poll() is None, log.read_text()
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        stop_process(proc, 15)
 
 
 def wait(cond: object, timeout: float, what: str) -> None:
