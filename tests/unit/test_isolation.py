@@ -21,6 +21,7 @@ from ipv6milter.engine import CancellableBudget, Engine, Message
 from ipv6milter.milter import Ipv6Milter
 from ipv6milter.resolver import Budget
 from tests.dkimkeys import make_key
+from tests.lab import wait_until
 from tests.unit.fakedns import TEMP, FakeResolver
 from tests.unit.milterctx import RecordingCtx
 from tests.unit.test_milter import GOOD, message, zone
@@ -230,7 +231,7 @@ def test_every_helper_busy_until_the_deadline(burn_marker: str) -> None:
 
         t = threading.Thread(target=burning)
         t.start()
-        time.sleep(0.2)
+        wait_until("the only helper taken by the burn", lambda: not h._idle, timeout=5)
         with pytest.raises(isolation.Stopped) as e:
             h.call("spf", (ADDR, "a@example.com", "x"), zone(), Budget(0.1), cpu=0.1)
         assert e.value.cause == isolation.BUSY
@@ -416,14 +417,24 @@ def test_the_stage_dns_bytes_the_worker_counts_bound_the_helper_too(
     assert here.result == "permerror", here
 
 
+def _gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie not yet reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_without_its_zygote_a_worker_still_answers_every_check(
         isolated: Engine, caplog: pytest.LogCaptureFixture) -> None:
     """Not expected (the zygote dies with the worker), but defined: the idle
     helpers die with the zygote (a check on one is a temporary error), then
     the checks run in the worker itself, logged as such."""
     assert isolated._helpers is not None
-    os.kill(isolated._helpers._zygote.pid, signal.SIGKILL)
-    time.sleep(0.2)
+    zygote = isolated._helpers._zygote.pid
+    os.kill(zygote, signal.SIGKILL)
+    wait_until("the zygote gone", lambda: _gone(zygote), timeout=5)
     results = [isolated.spf(ADDR, "a@example.com", "mail.example.com").result for _ in range(4)]
     assert set(results) <= {"pass", "temperror"}
     assert results[-1] == "pass"
