@@ -133,10 +133,21 @@ class Session:
         with self._lock:
             return self._pooled
 
-    def start(self, fn: Callable[[Budget], T], key: Hashable | None = None) -> Check[T]:
+    def start(self, fn: Callable[[Budget], T], key: Hashable | None = None,
+              cached: bool = False) -> Check[T]:
         """Start ``fn(budget)`` in the pool if this connection is under its cap;
-        otherwise it runs when it is waited for."""
+        otherwise it runs when it is waited for.
+
+        ``cached``: its first answer is in the cache, so it has (most likely) no
+        DNS wait to hide behind the SMTP dialogue: it runs when it is waited
+        for, in the connection's own thread.  A hand-off to a pool thread and
+        back (a future, two wake-ups, the GIL passed twice) costs more CPU
+        than such a check, and a check nobody waits for (a refused recipient,
+        RSET) is not run at all.
+        """
         check: Check[T] = Check(fn, key, self._engine.cfg.stage_timeout)
+        if cached:
+            return check
         with self._lock:
             if self._pooled >= MAX_POOLED:
                 return check
@@ -181,7 +192,7 @@ class Session:
             return fallback
 
     def reuse_or_start(self, prev: Check[T] | None, fn: Callable[[Budget], T], key: Hashable,
-                       stale: Callable[[T], bool]) -> Check[T]:
+                       stale: Callable[[T], bool], cached: bool = False) -> Check[T]:
         """``prev`` when it asked the same question (``key``), was not cancelled
         and its answer, if there is one, is not ``stale``; otherwise ``prev``
         is cancelled and ``fn`` started."""
@@ -189,7 +200,7 @@ class Session:
                 prev.done and prev.result is not None and stale(prev.result)):
             return prev
         self.cancel(prev)
-        return self.start(fn, key)
+        return self.start(fn, key, cached)
 
     def cancel(self, check: Check[T] | None) -> None:
         if check is not None:

@@ -80,6 +80,9 @@ IDLE_SECONDS = 60.0
 # Helpers kept idle at most: each holds a few MiB of its own; a burst past
 # this many overlapping checks still forks (and ends) the rest.
 MAX_IDLE_HELPERS = 8
+# With every helper busy, a check waits this long for one to be free before
+# it starts another (SPAWN_AFTER seconds: a few checks' worth of CPU).
+SPAWN_AFTER = 0.005
 # Checks one helper runs before it is replaced (whatever it accumulated:
 # fragmented memory, caches of dkimpy's and pyspf's).
 CHECKS_PER_HELPER = 10_000
@@ -656,6 +659,12 @@ class Helpers:
 
     def _acquire(self, limit: float) -> _Helper:
         with self._cond:
+            if not self._idle and self._live >= self.keep_idle:
+                # Under load a helper is usually free again within a check's
+                # few milliseconds: a fork of the worker costs more than that.
+                # Past this short wait (a helper held by a slow zone's DNS)
+                # a new one is started, so no check waits behind another's.
+                self._cond.wait(min(SPAWN_AFTER, max(0.0, limit - time.monotonic())))
             while not self._idle and self._live >= self.most:
                 if not self._cond.wait(limit - time.monotonic()):
                     raise Stopped(BUSY, f"all {self.most} check helpers busy")

@@ -150,7 +150,8 @@ class Ipv6Milter(Milter.Base):
             assert self.addr is not None
             addr = policy.effective_address(self.addr)
             self.iprev_chk = self.session.start(
-                functools.partial(self.engine.iprev, addr, None))
+                functools.partial(self.engine.iprev, addr, None),
+                cached=self.engine.resolver.ptr_cached(addr))
 
     def _start_spf(self, mail_from: str) -> None:
         assert self.addr is not None
@@ -161,7 +162,8 @@ class Ipv6Milter(Milter.Base):
         self.spf_chk = self.session.reuse_or_start(
             prev, functools.partial(self.engine.spf, addr, mail_from, self.helo, None),
             key=(addr, mail_from, self.helo, id(self.engine.resolver)),
-            stale=lambda r: r.result == "temperror")
+            stale=lambda r: r.result == "temperror",
+            cached=self.engine.resolver.cached(spfcheck.first_name(mail_from, self.helo), "TXT"))
 
     def _new_message(self) -> Message:
         return Message(

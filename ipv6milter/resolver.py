@@ -200,6 +200,14 @@ class Resolver:
             return []
         return self._answered(name, rdtype, items, budget)
 
+    def cached(self, name: str, rdtype: str) -> bool:
+        """Whether ``name``/``rdtype`` would be answered from the cache now (not
+        counted as a look-up, nor moved in the LRU order)."""
+        return self._answers.peek((_cache_name(name), rdtype))
+
+    def ptr_cached(self, addr: IPAddress) -> bool:
+        return self.cached(_reverse_name(addr), "PTR")
+
     @staticmethod
     def _answered(
         name: str | dns.name.Name, rdtype: str, items: tuple[Any, ...], budget: Budget
@@ -420,6 +428,10 @@ class _AnswerCache:
                 return None
             self._data.move_to_end(key)
             return entry[1], entry[2]
+
+    def peek(self, key: tuple[str, str]) -> bool:
+        entry = self._data.get(key)  # one dict read: atomic, no lock needed
+        return entry is not None and entry[0] > self.clock()
 
     def put(self, key: tuple[str, str], nxdomain: bool, items: tuple[Any, ...],
             expiry: float | None) -> None:

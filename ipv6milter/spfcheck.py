@@ -40,6 +40,13 @@ def envelope_address(mail_from: str) -> str:
     return a.strip()
 
 
+def first_name(mail_from: str, helo: str) -> str:
+    """The name whose TXT record an SPF check asks first (the MAIL FROM
+    domain, or the HELO for the null sender), as written: for a guess
+    whether the check's answers are cached."""
+    return envelope_address(mail_from).rpartition("@")[2] or helo
+
+
 def ascii_domain(domain: str) -> str | None:
     """The A-label form of a domain fit for DNS, or None."""
     try:

@@ -776,3 +776,43 @@ def test_over_long_recipients_keep_their_defined_replies(resolver: FakeResolver)
     assert [rc for rc, _ in out["rcpt"]] == [Milter.CONTINUE, Milter.CONTINUE, Milter.REJECT]
     assert out["rcpt"][2][1][:2] == ("550", "5.2.1"), out["rcpt"][2]
     assert out["eom"] == Milter.CONTINUE
+
+
+class _ThreadRecorder(FakeResolver):
+    """Records which thread asks each question; ``cache`` says what counts as cached."""
+
+    def __init__(self, cache: set[tuple[str, str]]):
+        super().__init__(zone().zone)
+        self.cache = cache
+        self.threads: dict[tuple[str, str], str] = {}
+
+    def cached(self, name: str, rdtype: str) -> bool:
+        return (name.lower().rstrip("."), rdtype) in self.cache
+
+    def query(self, name: object, rdtype: str, budget: object) -> list[object]:
+        self.threads[(str(name).lower().rstrip("."), rdtype)] = threading.current_thread().name
+        return super().query(name, rdtype, budget)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_checks_whose_first_answer_is_cached_run_in_the_connection_thread(cached: bool) -> None:
+    """A check with nothing to wait for costs less where it is waited for
+    than handed to a pool thread and back; one that may wait on DNS starts
+    in the pool at once (its wait hides behind the SMTP dialogue)."""
+    first = {(rev(GOOD).lower().rstrip("."), "PTR"), ("example.com", "TXT")}
+    r = _ThreadRecorder(first if cached else set())
+    eng = Engine(cfg(), r, workers=2)
+    ctx = RecordingCtx(partial(Ipv6Milter, eng))
+    ctx.connect(GOOD)
+    m = ctx._priv
+    assert (m.iprev_chk.future is None) is cached
+    ctx._envfrom("<a@example.com>")
+    assert (m.spf_chk.future is None) is cached
+    m.abort()  # RSET: the same MAIL FROM next reuses the check
+    out = ctx.transaction("a@example.com", ["b@example.org"], message())
+    assert out["eom"] == Milter.CONTINUE
+    assert results(ctx) == {"iprev": "pass", "spf": "pass", "dkim": "none"}
+    if cached:
+        here = threading.current_thread().name
+        assert all(r.threads[question] == here for question in first), r.threads
+    eng.shutdown()
