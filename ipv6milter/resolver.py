@@ -27,6 +27,7 @@ state through pyspf's globals.
 from __future__ import annotations
 
 import functools
+import itertools
 import ipaddress
 import logging
 import struct
@@ -86,6 +87,9 @@ def _to_text(rdata: Any) -> str:
     return rdata.to_text()
 
 
+_GENERATIONS = itertools.count(1)
+
+
 class Resolver:
     """A stub resolver over dnspython with a shared cache.
 
@@ -116,6 +120,9 @@ class Resolver:
         self._r = r
         self._on_cache = on_cache
         self._answers = _AnswerCache(cache_size, cache_bytes)
+        # Copies of this cache's answers (a check helper's) are of this one
+        # resolver: a new one (new name servers) starts them anew.
+        self.generation = next(_GENERATIONS)
 
     # -- the one query primitive ------------------------------------------
 
@@ -204,6 +211,18 @@ class Resolver:
         """Whether ``name``/``rdtype`` would be answered from the cache now (not
         counted as a look-up, nor moved in the LRU order)."""
         return self._answers.peek((_cache_name(name), rdtype))
+
+    def expiry(self, name: str, rdtype: str) -> float | None:
+        """When the cached answer to ``name``/``rdtype`` expires (``time.time()``),
+        None when none is kept."""
+        return self._answers.expiry((_cache_name(name), rdtype))
+
+    def count_hits(self, n: int) -> None:
+        """``n`` questions answered from copies of this cache's answers (a
+        check helper's): counted as the hits they are."""
+        if self._on_cache is not None:
+            for _ in range(n):
+                self._on_cache(True)
 
     def ptr_cached(self, addr: IPAddress) -> bool:
         return self.cached(_reverse_name(addr), "PTR")
@@ -432,6 +451,10 @@ class _AnswerCache:
     def peek(self, key: tuple[str, str]) -> bool:
         entry = self._data.get(key)  # one dict read: atomic, no lock needed
         return entry is not None and entry[0] > self.clock()
+
+    def expiry(self, key: tuple[str, str]) -> float | None:
+        entry = self._data.get(key)
+        return entry[0] if entry is not None else None
 
     def put(self, key: tuple[str, str], nxdomain: bool, items: tuple[Any, ...],
             expiry: float | None) -> None:

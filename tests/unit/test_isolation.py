@@ -542,3 +542,62 @@ def test_with_every_helper_held_past_spawn_after_a_check_starts_its_own() -> Non
         gate.set()
         first.join(10)
         h.close()
+
+
+class _Expiring(FakeResolver):
+    """A FakeResolver whose answers the worker's cache keeps until ``until``."""
+
+    def __init__(self, until: float):
+        super().__init__(zone().zone)
+        self.until = until
+        self.hits = 0
+
+    def expiry(self, name: str, rdtype: str) -> float | None:
+        return self.until
+
+    def count_hits(self, n: int) -> None:
+        self.hits += n
+
+
+def test_a_helper_answers_again_from_its_copy_until_the_answer_expires() -> None:
+    h = isolation.Helpers(cpu_seconds=CPU, most=1, idle=1)
+    try:
+        r = _Expiring(time.time() + 60)
+        args = (ADDR, "a@example.com", "mail.example.com")
+        assert h.call("spf", args, r, Budget(5))[0].result == "pass"
+        msg = signed()
+        assert [d.result for d in h.call("dkim", (5,), r, Budget(5), payload=msg)[0]] == ["pass"]
+        asked = list(r.asked)
+        assert ("example.com", "TXT") in asked
+        # The same checks again in the same helper: nothing crosses the pipe,
+        # and the copies count as the worker's cache hits.
+        assert h.call("spf", args, r, Budget(5))[0].result == "pass"
+        assert [d.result for d in h.call("dkim", (5,), r, Budget(5), payload=msg)[0]] == ["pass"]
+        assert r.asked == asked and r.hits == len(asked)
+        # A spent stage is a temporary failure, as in the worker.
+        assert h.call("spf", args, r, Budget(0))[0].result == "temperror"
+        # Another resolver (a reload with new name servers): asked anew.
+        other = _Expiring(time.time() + 60)
+        assert h.call("spf", args, other, Budget(5))[0].result == "pass"
+        assert ("example.com", "TXT") in other.asked
+        # An expired answer is asked again.
+        stale = _Expiring(time.time() - 1)
+        h.call("spf", args, stale, Budget(5))
+        h.call("spf", args, stale, Budget(5))
+        assert stale.asked.count(("example.com", "TXT")) == 2
+    finally:
+        h.close()
+
+
+def test_a_helper_keeps_no_copy_of_large_answers() -> None:
+    big = "v=spf1 " + " ".join(f"ip6:2001:db8:1::{i:x}" for i in range(250)) + f" ip6:{GOOD} -all"
+    assert len(big) > isolation._HELPER_ANSWER_TEXT
+    h = isolation.Helpers(cpu_seconds=CPU, most=1, idle=1)
+    try:
+        r = _Expiring(time.time() + 60)
+        r.zone[("big.example", "TXT")] = [big]
+        for _ in range(2):
+            assert h.call("spf", (ADDR, "a@big.example", "h"), r, Budget(5))[0].result == "pass"
+        assert r.asked.count(("big.example", "TXT")) == 2
+    finally:
+        h.close()
