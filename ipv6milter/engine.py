@@ -33,6 +33,7 @@ import re
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -207,6 +208,52 @@ class Session:
             check.cancel()
 
 
+class _Results(Generic[T]):
+    """Results of a check that depend only on its arguments and the DNS
+    answers it used, kept until the soonest of those answers expires
+    (``Budget.expires``): what the check would compute again from the
+    cache.  LRU, locked, at most ``size`` entries."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.time):
+        self.size = size
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._data: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
+
+    def get(self, key: Hashable) -> T | None:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= self.clock():
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: Hashable, value: T, expires: float) -> None:
+        if expires <= self.clock():
+            return
+        with self._lock:
+            self._data[key] = (expires, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+# SPF results kept per worker (_Results): a sender's mail from one address
+# comes in runs (a list's delivery, a busy relay), and its SPF result stays
+# what it is while its answers are cached.  A result whose detail text is
+# longer than SPF_RESULT_DETAIL (an explanation built from the record) is
+# not kept, so an entry costs at most about 1.5 KB.
+SPF_RESULTS = 4096
+SPF_RESULT_DETAIL = 512
+
+
 class Engine:
     """The checks, with their pool.
 
@@ -226,6 +273,7 @@ class Engine:
         self._cfg = cfg
         self._resolver = resolver or self._new_resolver(cfg)
         self._helpers = isolation.Helpers() if isolate else None
+        self._spf_results: _Results[SpfResult] = _Results(SPF_RESULTS)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
         self.metrics.loaded(cfg)
         dkimcanon.install()
@@ -247,6 +295,7 @@ class Engine:
             if (cfg.nameservers, cfg.dns_timeout) != (self._cfg.nameservers, self._cfg.dns_timeout):
                 self._resolver = self._new_resolver(cfg)
             self._cfg = cfg
+        self._spf_results.clear()
         self.metrics.loaded(cfg)
 
     @property
@@ -279,13 +328,25 @@ class Engine:
             budget: Budget | None = None) -> SpfResult:
         with self.metrics.timed("spf"):
             budget = budget or self.budget(trace)
+            void_limit = self._cfg.spf_void_lookup_limit
+            # The same question over the same answers has the same answer;
+            # --explain (a trace) always asks.
+            key = (addr, mail_from, helo, void_limit, self._resolver.generation)
+            if budget.trace is None:
+                kept = self._spf_results.get(key)
+                if kept is not None:
+                    return kept
             try:
-                return self._check("spf", budget, (addr, mail_from, helo,
-                                                   self._cfg.spf_void_lookup_limit))[0]
+                result: SpfResult = self._check("spf", budget, (addr, mail_from, helo,
+                                                                void_limit))[0]  # type: ignore[assignment]
             except isolation.Stopped as e:
                 sender = envelope_address(mail_from)
                 return SpfResult(e.result, sender or helo, "mailfrom" if sender else "helo",
                                  e.detail)
+            if (result.result != "temperror" and budget.trace is None
+                    and len(result.detail) <= SPF_RESULT_DETAIL):
+                self._spf_results.put(key, result, budget.expires)
+            return result
 
     def dkim(self, message: bytes, trace: list[str] | None = None,
              budget: Budget | None = None,

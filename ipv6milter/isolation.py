@@ -81,8 +81,9 @@ IDLE_SECONDS = 60.0
 # this many overlapping checks still forks (and ends) the rest.
 MAX_IDLE_HELPERS = 8
 # With every helper busy, a check waits this long for one to be free before
-# it starts another (SPAWN_AFTER seconds: a few checks' worth of CPU).
-SPAWN_AFTER = 0.005
+# it starts another (SPAWN_AFTER seconds: a few checks' worth of CPU, more on a
+# loaded host, where a check waits for a core too).
+SPAWN_AFTER = 0.02
 # Answers one helper keeps a copy of (_ProxyResolver), each of at most
 # _HELPER_ANSWER_RECORDS records and _HELPER_ANSWER_TEXT bytes of TXT: an
 # SPF record or a DKIM key fits; at most about 600 KiB a helper.
@@ -409,9 +410,11 @@ class _ProxyResolver:
             if entry is not None:
                 if entry[0] > time.time():
                     if budget.remaining() <= 0:  # as the worker's Resolver.query
+                        budget.used(None)
                         raise TempFail(f"DNS time budget for this stage spent before "
                                        f"{name} {rdtype}")
                     self.hits += 1
+                    budget.used(entry[0])
                     return list(entry[1])
                 del self.answers[key]
         self._conn.send(("q", name, rdtype))
@@ -478,7 +481,7 @@ def _serve(conn: _Pipe) -> None:
             signal.setitimer(signal.ITIMER_PROF, 0)
         end = time.process_time()
         try:
-            conn.send((*reply, end - start, end, proxy.hits - hits))
+            conn.send((*reply, end - start, end, proxy.hits - hits, budget.expires))
         except OSError:  # the worker is gone (stopped, or killed): so is the question
             return
 
@@ -703,6 +706,7 @@ class Helpers:
                     helper.cpu_base = msg[3]
                     if msg[4]:
                         resolver.count_hits(msg[4])
+                    budget.used(msg[5])  # the answers it used from its own copies
                     return msg[1], msg[2]
                 else:
                     helper.cpu_base = msg[3]

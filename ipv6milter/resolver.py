@@ -27,9 +27,10 @@ state through pyspf's globals.
 from __future__ import annotations
 
 import functools
-import itertools
 import ipaddress
+import itertools
 import logging
+import math
 import struct
 import threading
 import time
@@ -71,6 +72,18 @@ class Budget:
         self.deadline = time.monotonic() + seconds
         self.trace = trace
         self.dns_bytes = 0  # DNS messages parsed for this stage (limits.DNS_STAGE_BYTES)
+        # When the soonest of the answers used expires (time.time()); 0 when
+        # one of them was not an answer that is kept (a failure, an
+        # impossible name, a lookup left out): a result computed from them
+        # holds until then, and no longer (Engine's SPF results).
+        self.expires = math.inf
+
+    def used(self, expiry: float | None) -> None:
+        """An answer used, valid until ``expiry`` (None: not to be remembered)."""
+        if expiry is None:
+            self.expires = 0.0
+        elif expiry < self.expires:
+            self.expires = expiry
 
     def over_dns_bytes(self) -> bool:
         return self.dns_bytes > limits.DNS_STAGE_BYTES
@@ -135,10 +148,12 @@ class Resolver:
                 name = a_labels(name)
             except UnicodeError:
                 budget.note(f"{name!r} {rdtype}: impossible name (not valid IDNA)")
+                budget.used(None)
                 return []
         lifetime = min(self.timeout, budget.remaining())
         if lifetime <= 0:
             budget.note(f"{name} {rdtype}: stage time budget spent")
+            budget.used(None)  # a result despite it is not kept
             raise TempFail(f"DNS time budget for this stage spent before {name} {rdtype}")
         key = (_cache_name(name), rdtype)
         cached = self._answers.get(key)
@@ -148,7 +163,8 @@ class Resolver:
             # Served here, before dnspython's resolve(), which costs tens of
             # microseconds even for a name it has seen (name parsing, a
             # _Resolution object).
-            nxdomain, items = cached
+            nxdomain, items, expiry = cached
+            budget.used(expiry)
             if nxdomain:
                 budget.note(f"{name} {rdtype}: NXDOMAIN")
                 return []
@@ -158,6 +174,7 @@ class Resolver:
             # stage's share nothing more is asked (no data, never a TempFail).
             budget.note(f"{name} {rdtype}: not asked (this stage's DNS answers passed "
                         f"{limits.DNS_STAGE_BYTES} bytes)")
+            budget.used(None)
             return []
         try:
             answer = self._r.resolve(
@@ -166,10 +183,13 @@ class Resolver:
         except dns.resolver.NXDOMAIN as e:
             budget.note(f"{name} {rdtype}: NXDOMAIN")
             budget.dns_bytes += _nxdomain_bytes(e)
-            self._answers.put(key, True, (), _nxdomain_expiry(e))
+            expiry = _nxdomain_expiry(e)
+            budget.used(expiry)
+            self._answers.put(key, True, (), expiry)
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             budget.note(f"{name} {rdtype}: temporary failure ({type(e).__name__})")
+            budget.used(None)  # a result despite it is not kept
             raise TempFail(f"{name} {rdtype}: {type(e).__name__}") from None
         except (
             dns.name.NameTooLong,
@@ -185,11 +205,13 @@ class Resolver:
         ) as e:
             # A name that cannot exist has no data; that is not a DNS outage.
             budget.note(f"{name} {rdtype}: impossible name ({type(e).__name__})")
+            budget.used(None)
             return []
         except dns.exception.DNSException as e:
             # Anything else from the wire (malformed answers...) is temporary:
             # a retry may well succeed, and nothing is turned into a pass.
             budget.note(f"{name} {rdtype}: error ({type(e).__name__})")
+            budget.used(None)  # a result despite it is not kept
             raise TempFail(f"{name} {rdtype}: {type(e).__name__}: {e}") from None
         budget.dns_bytes += _response_bytes(getattr(answer, "response", None))
         rrset = answer.rrset
@@ -202,7 +224,9 @@ class Resolver:
             items = ()
         # Answer.expiration: the smallest TTL of the answer, or for no data
         # the SOA's negative TTL (RFC 2308).
-        self._answers.put(key, False, items, getattr(answer, "expiration", None))
+        expiry = getattr(answer, "expiration", None)
+        budget.used(expiry)
+        self._answers.put(key, False, items, expiry)
         if over:
             return []
         return self._answered(name, rdtype, items, budget)
@@ -436,7 +460,7 @@ class _AnswerCache:
         self._data: OrderedDict[tuple[str, str], tuple[float, bool, tuple[Any, ...], int]] = (
             OrderedDict())
 
-    def get(self, key: tuple[str, str]) -> tuple[bool, tuple[Any, ...]] | None:
+    def get(self, key: tuple[str, str]) -> tuple[bool, tuple[Any, ...], float] | None:
         with self._lock:
             entry = self._data.get(key)
             if entry is None:
@@ -446,7 +470,7 @@ class _AnswerCache:
                 self.bytes -= entry[3]
                 return None
             self._data.move_to_end(key)
-            return entry[1], entry[2]
+            return entry[1], entry[2], entry[0]
 
     def peek(self, key: tuple[str, str]) -> bool:
         entry = self._data.get(key)  # one dict read: atomic, no lock needed

@@ -283,3 +283,79 @@ def test_ptr_asks_dnspythons_reverse_name(text: str):
         assert c.r.ptr(addr, Budget(5, trace)) == ["mail.example.com"]
     assert c.calls == [f"{rev} PTR"]
     assert trace == [f"{rev} PTR: mail.example.com."] * 2
+
+
+# -- SPF results kept while their answers are (engine._Results) ----------------------------
+
+ADDR6 = "2001:db8::25"
+
+
+def _spf_engine(ttl: int = 60) -> tuple[Counted, Any]:
+    import ipaddress
+
+    from ipv6milter import config
+    from ipv6milter.engine import Engine
+
+    c = Counted()
+    c.put(_answer("example.com.", "TXT", ['"v=spf1 include:inc.example.com -all"'], ttl=300))
+    c.put(_answer("inc.example.com.", "TXT", [f'"v=spf1 ip6:{ADDR6} -all"'], ttl=ttl))
+    eng = Engine(config.parse("AcceptDomains example.org\n"), c.r)
+    return c, (eng, ipaddress.ip_address(ADDR6))
+
+
+def test_a_budget_expires_with_the_soonest_answer_it_used():
+    c = Counted()
+    c.put(_answer("a.example.com.", "A", ["192.0.2.1"], ttl=300))
+    c.put(_answer("b.example.com.", "TXT", ['"x"'], ttl=60))
+    budget = Budget(5)
+    now = time.time()
+    c.r.query("a.example.com", "A", budget)
+    assert now + 299 < budget.expires <= now + 301
+    c.r.query("b.example.com", "TXT", budget)
+    c.r.query("a.example.com", "A", budget)  # from the cache: its own expiry, later
+    assert now + 59 < budget.expires <= now + 61
+    with pytest.raises(TempFail):
+        c.r.query("down.example.com", "A", budget)  # nothing listens: a failure
+    assert budget.expires == 0
+
+
+def test_an_spf_result_is_kept_until_the_soonest_of_its_answers_expires():
+    c, (eng, addr) = _spf_engine(ttl=60)
+    first = eng.spf(addr, "<a@example.com>", "mail.example.com")
+    assert first.result == "pass"
+    assert eng.spf(addr, "<a@example.com>", "mail.example.com") == first
+    assert c.calls == ["example.com TXT", "inc.example.com TXT"]
+    assert c.hits == [False, False]  # the second check asked nothing at all
+    # Another HELO, sender or void-lookup limit is another question.
+    eng.spf(addr, "<b@example.com>", "mail.example.com")
+    assert c.hits[2:] == [True, True]
+    # Past the include's 60 s both the answer and the result are gone.
+    now = time.time()
+    c.r._answers.clock = eng._spf_results.clock = lambda: now + 61
+    assert eng.spf(addr, "<a@example.com>", "mail.example.com").result == "pass"
+    assert c.calls[2:] == ["inc.example.com TXT"]
+    eng.shutdown()
+
+
+def test_a_temporary_error_and_an_explained_check_are_asked_again():
+    c, (eng, addr) = _spf_engine()
+    for _ in range(2):
+        assert eng.spf(addr, "<a@down.example>", "h").result == "temperror"
+    assert c.calls.count("down.example TXT") == 2
+    eng.spf(addr, "<a@example.com>", "h")
+    trace: list[str] = []
+    assert eng.spf(addr, "<a@example.com>", "h", trace=trace).result == "pass"
+    assert any(line.startswith("inc.example.com TXT") for line in trace), trace
+    eng.shutdown()
+
+
+def test_a_reload_forgets_the_spf_results():
+    from ipv6milter import config
+
+    c, (eng, addr) = _spf_engine()
+    eng.spf(addr, "<a@example.com>", "h")
+    hits = len(c.hits)
+    eng.reload(config.parse("AcceptDomains example.org\n"))  # the same settings
+    eng.spf(addr, "<a@example.com>", "h")
+    assert len(c.hits) == hits + 2  # evaluated again (from the answer cache)
+    eng.shutdown()

@@ -601,3 +601,31 @@ def test_a_helper_keeps_no_copy_of_large_answers() -> None:
         assert r.asked.count(("big.example", "TXT")) == 2
     finally:
         h.close()
+
+
+def test_an_spf_result_from_a_helper_is_kept_until_its_answers_expire() -> None:
+    """The worker keeps the result for as long as the soonest answer the
+    check used, the helper's own copies included."""
+    from tests.unit.test_hotpath import Counted, _answer
+
+    c = Counted()
+    c.put(_answer("example.com.", "TXT", [f'"v=spf1 ip6:{GOOD} -all"'], ttl=60))
+    cfg = config.parse("AcceptDomains example.org\n")
+    eng = Engine(cfg, c.r, workers=2, isolate=True)
+    try:
+        for _ in range(3):
+            assert eng.spf(ADDR, "<a@example.com>", "h").result == "pass"
+        assert c.calls == ["example.com TXT"] and c.hits == [False]
+        now = time.time()
+        eng._spf_results.clock = lambda: now + 61  # the result is past its answer
+        assert eng.spf(ADDR, "<a@example.com>", "h").result == "pass"
+        assert c.hits == [False, True]  # evaluated again (the helper's copy: a hit)
+        assert not eng._spf_results._data  # computed from an answer it is past
+        eng._spf_results.clock = time.time
+        eng.spf(ADDR, "<a@example.com>", "h")
+        assert c.hits == [False, True, True]
+        # Kept by the expiry of the helper's copy (the worker was not asked).
+        kept = [e[0] for e in eng._spf_results._data.values()]
+        assert kept == [pytest.approx(now + 60, abs=2)]
+    finally:
+        eng.shutdown()
