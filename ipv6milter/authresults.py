@@ -94,32 +94,38 @@ def results_for(
 ) -> list[authres.core.BaseAuthenticationResult]:
     out: list[authres.core.BaseAuthenticationResult] = []
     if iprev is not None and addr is not None:
-        names = [n for n in map(_token, iprev.names[:5]) if n]
-        comment = ", ".join(names) if names else None
-        out.append(
-            authres.IPRevAuthenticationResult(
-                result=iprev.result.value, policy_iprev=str(addr), policy_iprev_comment=comment
-            )
-        )
+        out.append(_iprev_result(iprev.result.value, str(addr), iprev.names[:5]))
     if spf is not None:
-        spf_comment = (alignment_comment(alignment, alignment.spf)
-                       if alignment is not None and spf.result == "pass" else None)
-        if spf.scope == "helo":
-            out.append(
-                authres.SPFAuthenticationResult(
-                    result=spf.result, result_comment=spf_comment,
-                    smtp_helo=_helo_value(spf.identity)
-                )
-            )
-        else:
-            out.append(
-                authres.SPFAuthenticationResult(
-                    result=spf.result, result_comment=spf_comment,
-                    smtp_mailfrom=_mailfrom_value(spf.identity)
-                )
-            )
+        out.append(_spf_result(spf, _spf_comment(spf, alignment)))
+    out.extend(_dkim_results(dkim, alignment))
+    return out
+
+
+def _iprev_result(result: str, addr: str,
+                  names: Sequence[str]) -> authres.core.BaseAuthenticationResult:
+    tokens = [n for n in map(_token, names) if n]
+    return authres.IPRevAuthenticationResult(
+        result=result, policy_iprev=addr, policy_iprev_comment=", ".join(tokens) or None)
+
+
+def _spf_comment(spf: SpfResult, alignment: Alignment | None) -> str | None:
+    return (alignment_comment(alignment, alignment.spf)
+            if alignment is not None and spf.result == "pass" else None)
+
+
+def _spf_result(spf: SpfResult, comment: str | None) -> authres.core.BaseAuthenticationResult:
+    if spf.scope == "helo":
+        return authres.SPFAuthenticationResult(
+            result=spf.result, result_comment=comment, smtp_helo=_helo_value(spf.identity))
+    return authres.SPFAuthenticationResult(
+        result=spf.result, result_comment=comment, smtp_mailfrom=_mailfrom_value(spf.identity))
+
+
+def _dkim_results(dkim: Sequence[DkimResult],
+                  alignment: Alignment | None) -> list[authres.core.BaseAuthenticationResult]:
     if not dkim:
-        out.append(authres.DKIMAuthenticationResult(result="none"))
+        return [authres.DKIMAuthenticationResult(result="none")]
+    out: list[authres.core.BaseAuthenticationResult] = []
     for i, r in enumerate(dkim):
         comment = _reason(r)
         if alignment is not None and r.result == "pass":
@@ -135,6 +141,25 @@ def results_for(
             res.properties.append(AuthenticationResultProperty("header", "b", r.b))
         out.append(res)
     return out
+
+
+# The iprev and SPF clauses of one client and sender are the same from one
+# message to the next: each is rendered by authres once and its text kept
+# (a DKIM clause carries its signature's header.b=, so it is rendered each time).
+_CLAUSES = 1024
+
+
+_addr_text = functools.lru_cache(maxsize=_CLAUSES)(str)  # IPv6Address.__str__ is not cheap
+
+
+@functools.lru_cache(maxsize=_CLAUSES)
+def _iprev_clause(result: str, addr: str, names: tuple[str, ...]) -> str:
+    return str(_iprev_result(result, addr, names))
+
+
+@functools.lru_cache(maxsize=_CLAUSES)
+def _spf_clause(spf: SpfResult, comment: str | None) -> str:
+    return str(_spf_result(spf, comment))
 
 
 @functools.cache
@@ -165,7 +190,15 @@ def build(
     dkim: Sequence[DkimResult],
     alignment: Alignment | None = None,
 ) -> str:
-    return header_value(authserv_id, results_for(addr, iprev, spf, dkim, alignment))
+    if not _flat_layout():  # authres's own layout, whatever it has become
+        return header_value(authserv_id, results_for(addr, iprev, spf, dkim, alignment))
+    clauses = [authserv_id]
+    if iprev is not None and addr is not None:
+        clauses.append(_iprev_clause(iprev.result.value, _addr_text(addr), iprev.names[:5]))
+    if spf is not None:
+        clauses.append(_spf_clause(spf, _spf_comment(spf, alignment)))
+    clauses.extend(map(str, _dkim_results(dkim, alignment)))
+    return ";\n\t".join(clauses)
 
 
 def unfold(value: str) -> str:

@@ -252,6 +252,11 @@ class _Results(Generic[T]):
 # not kept, so an entry costs at most about 1.5 KB.
 SPF_RESULTS = 4096
 SPF_RESULT_DETAIL = 512
+# The same for the iprev results of client addresses (a client sends many
+# messages, over many connections); a result naming more PTR names than
+# IPREV_RESULT_NAMES (a hostile PTR set) is not kept.
+IPREV_RESULTS = 4096
+IPREV_RESULT_NAMES = 10
 
 
 class Engine:
@@ -274,6 +279,7 @@ class Engine:
         self._resolver = resolver or self._new_resolver(cfg)
         self._helpers = isolation.Helpers() if isolate else None
         self._spf_results: _Results[SpfResult] = _Results(SPF_RESULTS)
+        self._iprev_results: _Results[IprevResult] = _Results(IPREV_RESULTS)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
         self.metrics.loaded(cfg)
         dkimcanon.install()
@@ -296,6 +302,7 @@ class Engine:
                 self._resolver = self._new_resolver(cfg)
             self._cfg = cfg
         self._spf_results.clear()
+        self._iprev_results.clear()
         self.metrics.loaded(cfg)
 
     @property
@@ -322,7 +329,17 @@ class Engine:
     def iprev(self, addr: IPAddress, trace: list[str] | None = None,
               budget: Budget | None = None) -> IprevResult:
         with self.metrics.timed("ptr"):
-            return check_iprev(self._resolver, addr, budget or self.budget(trace))
+            budget = budget or self.budget(trace)
+            key = (addr, self._resolver.generation)
+            if budget.trace is None:
+                kept = self._iprev_results.get(key)
+                if kept is not None:
+                    return kept
+            result = check_iprev(self._resolver, addr, budget)
+            if (result.result is not Iprev.TEMPERROR and budget.trace is None
+                    and len(result.names) <= IPREV_RESULT_NAMES):
+                self._iprev_results.put(key, result, budget.expires)
+            return result
 
     def spf(self, addr: IPAddress, mail_from: str, helo: str, trace: list[str] | None = None,
             budget: Budget | None = None) -> SpfResult:

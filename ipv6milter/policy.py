@@ -99,7 +99,8 @@ def parse_address(raw: str | None) -> IPAddress | None:
         a = a[5:]
     a = a.split("%", 1)[0]
     try:
-        return ipaddress.ip_address(a)
+        # ip_address() tries IPv4 first and raises for every IPv6 address.
+        return ipaddress.IPv6Address(a) if ":" in a else ipaddress.IPv4Address(a)
     except ValueError:
         return None
 

@@ -269,11 +269,12 @@ class Resolver:
         ]
 
     def addresses(self, name: str, version: int, budget: Budget) -> list[IPAddress]:
-        rdtype = "AAAA" if version == 6 else "A"
-        out = []
+        rdtype, parse = ("AAAA", ipaddress.IPv6Address) if version == 6 else (
+            "A", ipaddress.IPv4Address)
+        out: list[IPAddress] = []
         for r in self.query(name, rdtype, budget):
             try:
-                out.append(ipaddress.ip_address(r.address))
+                out.append(parse(r.address))
             except ValueError:
                 continue
         return out

@@ -9,6 +9,8 @@ from typing import Any
 import authres
 import dns.reversename
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipv6milter import authresults
 from ipv6milter.authresults import authserv_id_of, build, forged_indexes
@@ -404,3 +406,26 @@ def test_our_id_is_found_behind_any_comment(value: str):
 def test_an_unclosed_comment_or_quote_hides_no_id(value: str, expected: str):
     assert authserv_id_of(value) == expected
 
+
+
+# -- the kept clauses: the same header as authres's whole rendering ------------------
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_IPREV = st.builds(IprevResult, st.sampled_from(list(Iprev)),
+                   st.lists(st.one_of(st.sampled_from(["mail.example.com", "x.test"]), _TEXT),
+                            max_size=7).map(tuple))
+_SPF = st.builds(SpfResult, st.sampled_from(["pass", "fail", "none", "temperror"]),
+                 st.one_of(st.sampled_from(["a@example.com", "example.com", "[::1]"]), _TEXT),
+                 st.sampled_from(["mailfrom", "helo"]), _TEXT)
+_DKIM = st.builds(DkimResult, st.sampled_from(["pass", "fail", "permerror"]),
+                  st.sampled_from(["example.com", ""]), st.sampled_from(["s1", ""]),
+                  st.sampled_from(["AbCdEfGh", "", "a b"]), _TEXT)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), _IPREV), st.one_of(st.none(), _SPF), st.lists(_DKIM, max_size=3),
+       st.sampled_from([ADDR, ipaddress.ip_address("192.0.2.1"), None]))
+def test_build_writes_what_authres_writes_for_the_same_results(iprev, spf, dkim, addr):
+    for _ in range(2):  # rendered, then from the kept clauses
+        assert build(ID, addr, iprev, spf, tuple(dkim)) == authresults.header_value(
+            ID, authresults.results_for(addr, iprev, spf, tuple(dkim)))

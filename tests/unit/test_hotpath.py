@@ -14,6 +14,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 import dns.rrset
 import pytest
 
@@ -358,4 +359,31 @@ def test_a_reload_forgets_the_spf_results():
     eng.reload(config.parse("AcceptDomains example.org\n"))  # the same settings
     eng.spf(addr, "<a@example.com>", "h")
     assert len(c.hits) == hits + 2  # evaluated again (from the answer cache)
+    eng.shutdown()
+
+
+def test_an_iprev_result_is_kept_until_its_answers_expire_and_a_failure_is_not():
+    import ipaddress
+
+    from ipv6milter import config
+    from ipv6milter.engine import Engine
+    from ipv6milter.model import Iprev
+
+    c = Counted()
+    rev6 = dns.reversename.from_address(ADDR6).to_text()
+    c.put(_answer(rev6, "PTR", ["mail.example.com."], ttl=300))
+    c.put(_answer("mail.example.com.", "AAAA", [ADDR6], ttl=30))
+    eng = Engine(config.parse("AcceptDomains example.org\n"), c.r)
+    addr = ipaddress.ip_address(ADDR6)
+    first = eng.iprev(addr)
+    assert first.result is Iprev.PASS
+    assert eng.iprev(addr) == first and len(c.calls) == 2 and c.hits == [False, False]
+    now = time.time()
+    eng._iprev_results.clock = c.r._answers.clock = lambda: now + 31
+    assert eng.iprev(addr) == first
+    assert c.calls[2:] == ["mail.example.com AAAA"]  # past the AAAA's 30 s: asked again
+    other = ipaddress.ip_address("2001:db8::99")  # no PTR server answers: temperror
+    for _ in range(2):
+        assert eng.iprev(other).result is Iprev.TEMPERROR
+    assert sum(call.endswith("PTR") for call in c.calls) == 3
     eng.shutdown()
