@@ -15,6 +15,7 @@ import authres
 from authres.core import AuthenticationResultProperty
 
 from .model import Aligned, Alignment, DkimResult, IPAddress, IprevResult, SpfResult
+from .policy import address_text
 
 FIELD = "Authentication-Results"
 
@@ -149,9 +150,6 @@ def _dkim_results(dkim: Sequence[DkimResult],
 _CLAUSES = 1024
 
 
-_addr_text = functools.lru_cache(maxsize=_CLAUSES)(str)  # IPv6Address.__str__ is not cheap
-
-
 @functools.lru_cache(maxsize=_CLAUSES)
 def _iprev_clause(result: str, addr: str, names: tuple[str, ...]) -> str:
     return str(_iprev_result(result, addr, names))
@@ -194,7 +192,7 @@ def build(
         return header_value(authserv_id, results_for(addr, iprev, spf, dkim, alignment))
     clauses = [authserv_id]
     if iprev is not None and addr is not None:
-        clauses.append(_iprev_clause(iprev.result.value, _addr_text(addr), iprev.names[:5]))
+        clauses.append(_iprev_clause(iprev.result.value, address_text(addr), iprev.names[:5]))
     if spf is not None:
         clauses.append(_spf_clause(spf, _spf_comment(spf, alignment)))
     clauses.extend(map(str, _dkim_results(dkim, alignment)))

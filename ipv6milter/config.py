@@ -8,6 +8,7 @@ so ``ipv6milter -n`` can show them all at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -470,7 +471,15 @@ class Config:
         return self.mode == "monitor"
 
     def is_trusted(self, addr: IPAddress) -> bool:
-        return any(addr.version == n.version and addr in n for n in self.trusted_hosts)
+        a = int(addr)
+        return any(a & mask == net for net, mask in self._trusted_by_version[addr.version])
+
+    @functools.cached_property
+    def _trusted_by_version(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        """TrustedHosts as (network, mask) integers by IP version: a
+        connection's check is then a few integer operations."""
+        return {v: tuple((int(n.network_address), int(n.netmask))
+                         for n in self.trusted_hosts if n.version == v) for v in (4, 6)}
 
     def default_authserv_id(self, j_macro: str | None) -> str:
         """SPEC §4: ``AuthservID``, else the MTA's ``j`` macro, else our FQDN."""

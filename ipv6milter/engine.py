@@ -29,7 +29,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-import re
 import threading
 import time
 from array import array
@@ -484,7 +483,6 @@ _LEAST_CPU = 0.001
 
 # -- the message, within the limits -----------------------------------------------------------
 
-_LINE_END = re.compile(rb"\r?\n")
 _SIGNATURE = "dkim-signature"
 
 
@@ -588,7 +586,12 @@ class Message:
         """
         lines = [name.encode("ascii", "replace") + self._sep + value
                  for name, value in self.headers]
-        head = _LINE_END.sub(b"\r\n", b"\r\n".join(lines))
+        head = b"\r\n".join(lines)
+        if head.count(b"\n") != head.count(b"\r\n"):
+            # Every line end CRLF (what re.sub(rb"\r?\n", b"\r\n", head)
+            # gives), in two C passes: the regex tries the optional CR at every
+            # byte of the header.
+            head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         message = b"".join([head, b"\r\n\r\n", *self.chunks])
         self.chunks = []
         return message

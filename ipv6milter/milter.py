@@ -184,7 +184,8 @@ class Ipv6Milter(Milter.Base):
             policy.parse_address(raw) if family in (socket.AF_INET, socket.AF_INET6) else None
         )
         # The log names a mapped client by the IPv4 address it carries.
-        self.client = str(policy.effective_address(self.addr)) if self.addr else "local"
+        self.client = (policy.address_text(policy.effective_address(self.addr)) if self.addr
+                       else "local")
         self.j = self.getsymval("j")
         self.conn_scope = policy.classify(self.cfg, self.addr)
         if not self.connected:

@@ -6,6 +6,7 @@ The adapter and ``ipv6milter-check`` apply what these return.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -119,6 +120,13 @@ def classify(cfg: Config, addr: IPAddress | None, authenticated: bool = False) -
     if addr.ipv4_mapped:
         return Scope.MAPPED
     return Scope.IPV6
+
+
+@functools.lru_cache(maxsize=4096)
+def address_text(addr: IPAddress) -> str:
+    """``str(addr)``, written once per client address (the compressed
+    IPv6 form is computed in Python)."""
+    return str(addr)
 
 
 def effective_address(addr: IPAddress) -> IPAddress:

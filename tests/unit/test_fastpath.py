@@ -239,3 +239,38 @@ def test_the_field_limit_shortcut_decides_as_the_count(head: bytes) -> None:
     # full count, the same answer.
     assert dkimcheck._over_field_limit(head) == \
         (dkimcheck._field_count(head) > dkimcheck.limits.MAX_HEADER_FIELDS)
+
+
+@settings(max_examples=400)
+@given(st.lists(st.tuples(st.sampled_from(["Subject", "X-A", "From"]), _HEAD_BYTES), max_size=6),
+       st.booleans())
+def test_the_rebuilt_message_makes_every_line_end_crlf_as_the_regex_did(
+        fields: list[tuple[str, bytes]], leading_space: bool) -> None:
+    import re
+
+    from ipv6milter.engine import Message
+
+    msg = Message(1 << 20, 5, "mx.example.org", leading_space=leading_space)
+    for name, value in fields:
+        msg.header(name, value)
+    msg.body(b"body\r\n")
+    sep = b":" if leading_space else b": "
+    head = b"\r\n".join(n.encode() + sep + v for n, v in fields)
+    assert msg.message() == re.sub(rb"\r?\n", b"\r\n", head) + b"\r\n\r\nbody\r\n"
+
+
+_ADDRS = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6),
+                   st.sampled_from([ipaddress.ip_address(a) for a in (
+                       "::1", "127.0.0.1", "2001:db8::1", "2001:db8:0:1::ffff", "10.1.2.3",
+                       "::ffff:10.1.2.3", "fe80::1")]))
+
+
+@settings(max_examples=400)
+@given(_ADDRS)
+def test_trusted_hosts_by_integers_match_what_ipaddress_says(addr) -> None:
+    from ipv6milter import config
+
+    cfg = config.parse("AcceptDomains example.org\nTrustedHosts 127.0.0.0/8, ::1, "
+                       "10.0.0.0/9, 2001:db8::/64, 192.0.2.7, ::ffff:0:0/96\n")
+    expected = any(addr.version == n.version and addr in n for n in cfg.trusted_hosts)
+    assert cfg.is_trusted(addr) == expected
