@@ -310,6 +310,8 @@ class Sample:
     total_rss_kib: int = 0  # peak of the summed RSS of all its processes (sampled)
     total_pss_kib: int = 0  # the same in PSS (shared pages counted once)
     procs: int = 0  # processes of its daemons (parent + workers)
+    helper_cpu: float = 0.0  # of ``cpu``: ipv6milter's check helpers (isolation.py)
+    workers: int = 0  # ipv6milter's worker processes (named ipv6milter-wN); 0: none
 
 
 @dataclass
@@ -380,19 +382,44 @@ class Bench:
             load.reset_peak_rss(pid)
         # Over each daemon's whole tree, workers that exited (reaped) included.
         cpu0 = sum(load.tree_cpu_seconds(p) for p in roots)
+        helpers0 = sum(helper_cpu_seconds(p) for p in roots)
         port = self.postfix.ports[conf.name]  # type: ignore[attr-defined]
         with load.MemorySampler(lambda: roots) as mem:
             r = load.smtp_source(port, self.files[size], count, conc, host=conf.client)
         self.sent[conf.name] = self.sent.get(conf.name, 0) + count
         cpu = sum(load.tree_cpu_seconds(p) for p in roots) - cpu0
+        helper_cpu = sum(helper_cpu_seconds(p) for p in roots) - helpers0
         rss = max((load.peak_rss_kib(p) for p in self.all_pids(conf)), default=0)
         problems = self.new_log_problems()
         return Sample(conf.name, size, conc, rnd, count, r.seconds, r.rate, cpu, rss,
                       r.ok and problems == 0 and not drained, r.error or drained, problems,
-                      phase, mem.peak_rss_kib, mem.peak_pss_kib, mem.max_procs)
+                      phase, mem.peak_rss_kib, mem.peak_pss_kib, mem.max_procs, helper_cpu,
+                      sum(_comm(p).startswith("ipv6milter-w") for r in roots
+                          for p in load.tree_pids(r)))
 
 
 # -- the benchmark ---------------------------------------------------------------------------
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def helper_cpu_seconds(root: int) -> float:
+    """CPU seconds of ipv6milter's check helpers under ``root``: the live ones
+    (named ``ipv6milter-chk``) and those their zygote (``ipv6milter-zyg``)
+    has reaped (its children's time)."""
+    total = 0.0
+    for pid in load.tree_pids(root):
+        comm = _comm(pid)
+        if comm == "ipv6milter-chk":
+            total += load.cpu_seconds(pid)
+        elif comm == "ipv6milter-zyg":
+            total += load.cpu_seconds(pid, children=True) - load.cpu_seconds(pid)
+    return total
 
 
 def _idle_rss_kib(pid: int) -> int:
@@ -533,7 +560,9 @@ def measure(bench: Bench, confs: list[Conf], cells: list[tuple[int, int]] | dict
                     continue
                 print(f"bench: {phase} round {rnd} {c.name:10} {size_label(size):>6} c={conc:<2}"
                       f" {s.rate:7.1f}/s ({s.count} in {s.seconds:.2f} s,"
-                      f" cpu {1000 * s.cpu / s.count:.2f} ms/msg,"
+                      f" cpu {1000 * s.cpu / s.count:.2f} ms/msg"
+                      + (f" ({1000 * s.helper_cpu / s.count:.2f} in helpers)," if s.helper_cpu
+                         else ",") +
                       f" rss {s.peak_rss_kib / 1024:.1f} MiB){_status(s)}", flush=True)
         # Latency at c=1, each session timed by our own client.
         for c in order:
