@@ -244,20 +244,6 @@ class _Results(Generic[T]):
             self._data.clear()
 
 
-# SPF results kept per worker (_Results): a sender's mail from one address
-# comes in runs (a list's delivery, a busy relay), and its SPF result stays
-# what it is while its answers are cached.  A result whose detail text is
-# longer than SPF_RESULT_DETAIL (an explanation built from the record) is
-# not kept, so an entry costs at most about 1.5 KB.
-SPF_RESULTS = 4096
-SPF_RESULT_DETAIL = 512
-# The same for the iprev results of client addresses (a client sends many
-# messages, over many connections); a result naming more PTR names than
-# IPREV_RESULT_NAMES (a hostile PTR set) is not kept.
-IPREV_RESULTS = 4096
-IPREV_RESULT_NAMES = 10
-
-
 class Engine:
     """The checks, with their pool.
 
@@ -277,8 +263,8 @@ class Engine:
         self._cfg = cfg
         self._resolver = resolver or self._new_resolver(cfg)
         self._helpers = isolation.Helpers() if isolate else None
-        self._spf_results: _Results[SpfResult] = _Results(SPF_RESULTS)
-        self._iprev_results: _Results[IprevResult] = _Results(IPREV_RESULTS)
+        self._spf_results: _Results[SpfResult] = _Results(limits.SPF_RESULTS)
+        self._iprev_results: _Results[IprevResult] = _Results(limits.IPREV_RESULTS)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
         self.metrics.loaded(cfg)
         dkimcanon.install()
@@ -336,7 +322,7 @@ class Engine:
                     return kept
             result = check_iprev(self._resolver, addr, budget)
             if (result.result is not Iprev.TEMPERROR and budget.trace is None
-                    and len(result.names) <= IPREV_RESULT_NAMES):
+                    and len(result.names) <= limits.IPREV_RESULT_NAMES):
                 self._iprev_results.put(key, result, budget.expires)
             return result
 
@@ -360,7 +346,7 @@ class Engine:
                 return SpfResult(e.result, sender or helo, "mailfrom" if sender else "helo",
                                  e.detail)
             if (result.result != "temperror" and budget.trace is None
-                    and len(result.detail) <= SPF_RESULT_DETAIL):
+                    and len(result.detail) <= limits.SPF_RESULT_DETAIL):
                 self._spf_results.put(key, result, budget.expires)
             return result
 

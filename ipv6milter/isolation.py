@@ -84,12 +84,6 @@ MAX_IDLE_HELPERS = 8
 # it starts another (SPAWN_AFTER seconds: a few checks' worth of CPU, more on a
 # loaded host, where a check waits for a core too).
 SPAWN_AFTER = 0.02
-# Answers one helper keeps a copy of (_ProxyResolver), each of at most
-# _HELPER_ANSWER_RECORDS records and _HELPER_ANSWER_TEXT bytes of TXT: an
-# SPF record or a DKIM key fits; at most about 600 KiB a helper.
-HELPER_ANSWERS = 128
-_HELPER_ANSWER_RECORDS = 8
-_HELPER_ANSWER_TEXT = 4096
 # Checks one helper runs before it is replaced (whatever it accumulated:
 # fragmented memory, caches of dkimpy's and pyspf's).
 CHECKS_PER_HELPER = 10_000
@@ -367,7 +361,7 @@ def _restored(items: list[Any]) -> list[Any]:
 
 def _small(items: list[Any]) -> bool:
     """An answer a helper may keep a copy of: few records, little text."""
-    if len(items) > _HELPER_ANSWER_RECORDS:
+    if len(items) > limits.HELPER_ANSWER_RECORDS:
         return False
     size = 0
     for item in items:
@@ -375,7 +369,7 @@ def _small(items: list[Any]) -> bool:
             return False  # a type the checks do not read: not kept
         if item[0] == _TXT:
             size += sum(map(len, item[1]))
-    return size <= _HELPER_ANSWER_TEXT
+    return size <= limits.HELPER_ANSWER_TEXT
 
 
 # -- the helper side --------------------------------------------------------------------------
@@ -388,7 +382,7 @@ class _ProxyResolver:
     on top of it, so the checks see the resolver they see in-process.
 
     The helper keeps a copy of small answers until the worker's cache entry
-    expires (``HELPER_ANSWERS``): the next check in this helper that asks
+    expires (``limits.HELPER_ANSWERS``): the next check in this helper that asks
     the same (the sender's SPF record, its include, the DKIM key) is
     answered here, a round trip to the worker less each.  A copy is used as
     the worker's cache is: the stage's time still bounds it, and it counts
@@ -425,7 +419,7 @@ class _ProxyResolver:
             raise TempFail(value)
         records = _restored(value)
         if key is not None and expiry is not None and _small(value):
-            if len(self.answers) >= HELPER_ANSWERS:
+            if len(self.answers) >= limits.HELPER_ANSWERS:
                 self.answers.clear()
             self.answers[key] = (expiry, records)
         return records

@@ -161,6 +161,28 @@ DNS_CACHE_ENTRY_BYTES = 64 * 1024
 # Entries, whatever their size: each costs a dict slot besides its own estimate.
 DNS_CACHE_ENTRIES = 20000
 
+# Results computed from cached answers, kept as long as the soonest answer they
+# used (engine._Results): a sender's mail from one address comes in runs, and
+# its SPF and iprev results stay what they are while their answers do.  Each
+# entry is small and bounded: an SPF result's key is the client address, the
+# MAIL FROM and the HELO (each within the SMTP bounds above) and its detail
+# text at most SPF_RESULT_DETAIL characters (a longer one is not kept): under
+# 1.5 KiB; an iprev result keeps at most IPREV_RESULT_NAMES PTR names (a
+# result with more is not kept): under 3 KiB.  At most 6 + 12 MiB a worker
+# even when every entry is the largest one; ordinary entries are ~0.3 KiB.
+SPF_RESULTS = 4096
+SPF_RESULT_DETAIL = 512
+IPREV_RESULTS = 4096
+IPREV_RESULT_NAMES = 10
+
+# A check helper's copies of the worker's answers (isolation._ProxyResolver):
+# at most HELPER_ANSWERS answers of at most HELPER_ANSWER_RECORDS records and
+# HELPER_ANSWER_TEXT bytes of TXT each (an SPF record or a DKIM key fits):
+# about 600 KiB a helper at most.
+HELPER_ANSWERS = 128
+HELPER_ANSWER_RECORDS = 8
+HELPER_ANSWER_TEXT = 4096
+
 # -- From-aligned mode: the From field and the _dmarc TXT records ------------------------
 
 # Bytes of one From field value the alignment parser reads (RFC 5322 §3.6.2).

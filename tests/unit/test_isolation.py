@@ -16,7 +16,7 @@ import dkim
 import Milter
 import pytest
 
-from ipv6milter import authresults, config, isolation
+from ipv6milter import authresults, config, isolation, limits
 from ipv6milter.engine import CancellableBudget, Engine, Message
 from ipv6milter.milter import Ipv6Milter
 from ipv6milter.resolver import Budget
@@ -591,7 +591,7 @@ def test_a_helper_answers_again_from_its_copy_until_the_answer_expires() -> None
 
 def test_a_helper_keeps_no_copy_of_large_answers() -> None:
     big = "v=spf1 " + " ".join(f"ip6:2001:db8:1::{i:x}" for i in range(250)) + f" ip6:{GOOD} -all"
-    assert len(big) > isolation._HELPER_ANSWER_TEXT
+    assert len(big) > limits.HELPER_ANSWER_TEXT
     h = isolation.Helpers(cpu_seconds=CPU, most=1, idle=1)
     try:
         r = _Expiring(time.time() + 60)
