@@ -78,11 +78,8 @@ IDLE_HELPERS = 2
 # page faults costing milliseconds of CPU, several times the check itself.
 IDLE_SECONDS = 60.0
 # Helpers kept idle at most: each holds a few MiB of its own; a burst past
-# this many overlapping checks still forks (and ends) the rest.  With
-# SPAWN_AFTER a burst rarely forks at all; 4 (was 8) keeps the milter's
-# summed PSS at make bench's c=32 under 64 MiB a worker (119 against 144 MiB
-# for two workers) at the same CPU per message.
-MAX_IDLE_HELPERS = 4
+# this many overlapping checks still forks (and ends) the rest.
+MAX_IDLE_HELPERS = 8
 # With every helper busy, a check waits this long for one to be free before
 # it starts another (SPAWN_AFTER seconds: a few checks' worth of CPU, more on a
 # loaded host, where a check waits for a core too).
