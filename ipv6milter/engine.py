@@ -319,6 +319,7 @@ class Engine:
             if budget.trace is None:
                 kept = self._iprev_results.get(key)
                 if kept is not None:
+                    self.metrics.reused_ptr.inc()
                     return kept
             result = check_iprev(self._resolver, addr, budget)
             if (result.result is not Iprev.TEMPERROR and budget.trace is None
@@ -337,6 +338,7 @@ class Engine:
             if budget.trace is None:
                 kept = self._spf_results.get(key)
                 if kept is not None:
+                    self.metrics.reused_spf.inc()
                     return kept
             try:
                 result: SpfResult = self._check("spf", budget, (addr, mail_from, helo,

@@ -114,6 +114,11 @@ class Metrics:
         self.dns_cache: Any = Children(Counter(
             "ipv6milter_dns_cache_lookups", "DNS cache lookups by result (hit, miss)",
             ["result"], registry=r))
+        self.reused: Any = Children(Counter(
+            "ipv6milter_check_results_reused",
+            "Checks answered by a result kept from an earlier identical check over the same, "
+            "still cached, DNS answers, by check (ptr, spf)",
+            ["check"], registry=r))
         self.reloads: Any = Children(Counter(
             "ipv6milter_config_reloads", "Configuration reloads by result (ok, failed)",
             ["result"], registry=r))
@@ -130,6 +135,8 @@ class Metrics:
         # instead of appearing with the first event.
         self._hits = self.dns_cache.labels("hit")
         self._misses = self.dns_cache.labels("miss")
+        self.reused_ptr = self.reused.labels("ptr")
+        self.reused_spf = self.reused.labels("spf")
         for label in ("ok", "failed"):
             self.reloads.labels(label)
         for check in ("spf", "dkim", "header", "from"):

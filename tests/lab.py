@@ -519,6 +519,33 @@ class MilterRunner(Daemon):
             return self.exit_status
         return super().stop(timeout)
 
+    def workers(self) -> int:
+        """Its worker processes (named ipv6milter-wN by the supervisor)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        names = []
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                names.append(Path(f"/proc/{child}/comm").read_text())
+        return sum(name.startswith("ipv6milter-w") for name in names)
+
+    def reload(self, text: str) -> None:
+        """Write ``text`` as its configuration, send SIGHUP, and wait until the
+        supervisor has reloaded it and every worker uses it (the supervisor
+        hands the checked configuration down each worker's pipe after its
+        own log line: the next transaction must find every worker on it)."""
+        assert self.proc is not None
+        log = self.log_text()
+        reloaded, applied = (log.count("configuration reloaded"),
+                             log.count("uses the new configuration"))
+        workers = self.workers()
+        self.config.write_text(text)
+        self.proc.send_signal(signal.SIGHUP)
+        wait_until("reload", lambda: self.log_text().count("configuration reloaded") > reloaded)
+        wait_until("every worker on the new configuration",
+                   lambda: self.log_text().count("uses the new configuration")
+                   >= applied + workers)
+
 
 def config_accepted(settings: Mapping[str, str], workdir: Path,
                     argv: list[str] | None = None) -> tuple[bool, str]:

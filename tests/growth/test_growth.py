@@ -25,9 +25,22 @@ def test_every_input_has_rows() -> None:
     assert len({r.id for r in ROWS}) == len(ROWS), "two rows with the same name and shape"
 
 
+def _within(row: Row, table: list[tuple[int, float]]) -> bool:
+    average, last = per_doubling(table)
+    return average <= AVERAGE and last <= LAST and table[-1][1] <= row.worst
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_growth(row: Row) -> None:
     table = measure(row)
+    if not _within(row, table):
+        # CPU time on a shared host grows with whatever shares the core (one
+        # 16 KiB sample measured at 3.3x its 8 KiB one while other tests ran,
+        # 2x alone): the row is measured once more and each size keeps its
+        # lesser figure, as each sample already keeps the least of five.  A
+        # super-linear step is as slow the second time.
+        again = measure(row)
+        table = [(n, min(a, b)) for (n, a), (_, b) in zip(table, again, strict=True)]
     average, last = per_doubling(table)
     (n0, t0), (n1, t1) = table[0], table[-1]
     line = (f"{row.id:<60} {n0 // 1024:>4} KiB {t0 * 1e3:9.3f} ms  {n1 // 1024:>5} KiB "

@@ -13,11 +13,9 @@ Postfix:
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,7 +35,6 @@ from .harness import (
     PostfixInstance,
     Sink,
     run_postfix,
-    wait_until,
 )
 from .replies import no_ptr, not_authenticated, not_opted_in
 from .smtpclient import (
@@ -118,34 +115,6 @@ def test_excepted_domain_alone_gets_550(rollout: tuple, dns: DnsWorld, sink: Sin
 # -- EnforceShare, and its reload -------------------------------------------------------
 
 
-def _reloads(m: MilterProcess) -> int:
-    return m.log_text().count("configuration reloaded")
-
-
-def _workers(m: MilterProcess) -> int:
-    """The worker processes of ``m`` (named ipv6milter-wN by the supervisor)."""
-    pid = m.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    names = []
-    for child in children:
-        with contextlib.suppress(OSError):
-            names.append(Path(f"/proc/{child}/comm").read_text())
-    return sum(name.startswith("ipv6milter-w") for name in names)
-
-
-def _reload(m: MilterProcess, text: str) -> None:
-    before = _reloads(m)
-    applied = m.log_text().count("uses the new configuration")
-    workers = _workers(m)
-    m.config.write_text(text)
-    m.proc.send_signal(signal.SIGHUP)
-    wait_until("reload", lambda: _reloads(m) > before)
-    # The supervisor hands the checked configuration down each worker's pipe
-    # after its own line: the next transaction must find every worker on it.
-    wait_until("every worker on the new configuration",
-               lambda: m.log_text().count("uses the new configuration") >= applied + workers)
-
-
 def test_share_0_accepts_and_stamps_what_100_refuses_and_a_reload_switches(
     rollout: tuple, dns: DnsWorld, sink: Sink
 ) -> None:
@@ -163,14 +132,14 @@ def test_share_0_accepts_and_stamps_what_100_refuses_and_a_reload_switches(
             first = spf_fail(marker())
             assert first.data is not None and str(first.data) == not_authenticated(dns.good_ip)
 
-            _reload(m, original.replace("EnforceShare 100", "EnforceShare 0"))
+            m.reload(original.replace("EnforceShare 100", "EnforceShare 0"))
             mark = marker()
             second = spf_fail(mark)  # same connection, next transaction
             assert second.accepted, second
             assert stamped_results(sink, mark) == {
                 "iprev": ["pass"], "spf": ["fail"], "dkim": ["none"]}
 
-            _reload(m, original)
+            m.reload(original)
             third = spf_fail(marker())
             assert third.data is not None and str(third.data) == not_authenticated(dns.good_ip)
         log = m.log_text()
@@ -178,7 +147,7 @@ def test_share_0_accepts_and_stamps_what_100_refuses_and_a_reload_switches(
         assert log.count('reply="450 4.7.26" mode=enforce') == 2
     finally:
         if m.config.read_text() != original:
-            _reload(m, original)
+            m.reload(original)
 
 
 # -- ipv6milter-report on the milter's own log ----------------------------------------------

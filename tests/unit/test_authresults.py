@@ -410,7 +410,7 @@ def test_an_unclosed_comment_or_quote_hides_no_id(value: str, expected: str):
 
 # -- the kept clauses: the same header as authres's whole rendering ------------------
 
-_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+_TEXT = st.text(max_size=30)  # no surrogates: st.text leaves them out
 _IPREV = st.builds(IprevResult, st.sampled_from(list(Iprev)),
                    st.lists(st.one_of(st.sampled_from(["mail.example.com", "x.test"]), _TEXT),
                             max_size=7).map(tuple))
