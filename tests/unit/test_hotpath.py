@@ -327,6 +327,8 @@ def test_an_spf_result_is_kept_until_the_soonest_of_its_answers_expires():
     assert eng.spf(addr, "<a@example.com>", "mail.example.com") == first
     assert c.calls == ["example.com TXT", "inc.example.com TXT"]
     assert c.hits == [False, False]  # the second check asked nothing at all
+    assert eng.metrics.registry.get_sample_value(
+        "ipv6milter_check_results_reused_total", {"check": "spf"}) == 1
     # Another HELO, sender or void-lookup limit is another question.
     eng.spf(addr, "<b@example.com>", "mail.example.com")
     assert c.hits[2:] == [True, True]
@@ -378,6 +380,8 @@ def test_an_iprev_result_is_kept_until_its_answers_expire_and_a_failure_is_not()
     first = eng.iprev(addr)
     assert first.result is Iprev.PASS
     assert eng.iprev(addr) == first and len(c.calls) == 2 and c.hits == [False, False]
+    assert eng.metrics.registry.get_sample_value(
+        "ipv6milter_check_results_reused_total", {"check": "ptr"}) == 1
     now = time.time()
     eng._iprev_results.clock = c.r._answers.clock = lambda: now + 31
     assert eng.iprev(addr) == first
