@@ -72,19 +72,19 @@ def test_metrics_count_exactly_what_was_decided(ops: Ops) -> None:
     # the 5.2.1 connection (refused before any check decides) may not run it.
     assert delta(after, before, "ipv6milter_check_duration_seconds_count", check="ptr") in (5, 6)
     assert delta(after, before, "ipv6milter_check_duration_seconds_count", check="message") == 3
-    hits = delta(after, before, "ipv6milter_dns_cache_lookups_total", result="hit")
     misses = delta(after, before, "ipv6milter_dns_cache_lookups_total", result="miss")
     reused = "ipv6milter_check_results_reused_total"
     # The same questions asked again are answered from the cache: the PTR
     # check of the one client by the result kept from the first connection,
     # the same SPF question likewise; the rest of the names from the answer cache.
     reused_ptr = delta(after, before, reused, check="ptr")
-    reused_spf = delta(after, before, reused, check="spf")
     assert misses > 0
-    # Four connections from one client: each worker evaluates its PTR check
-    # once at most (the other two clients' answers are a failure or kept).
-    assert 1 <= reused_ptr <= 5
-    assert reused_spf + hits > 0
+    # Four connections from one client, at least three of which run their
+    # PTR check (the 5.2.1 one may not need it): each worker evaluates it
+    # once at most, the others reuse that result (which worker takes which
+    # connection is the kernel's choice, so SPF reuse and cache hits are
+    # not certain here; tests/unit/test_hotpath.py counts them exactly).
+    assert max(0, 3 - ops.milters["enforce"].workers()) <= reused_ptr <= 5
 
     # The decision log says the same, one line a decision, greppable.
     log = ops.milters["enforce"].log_text()
