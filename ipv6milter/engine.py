@@ -2,7 +2,11 @@
 
 An ``Engine`` owns the live configuration, the resolver and a small thread
 pool.  Lookups that can start early do (PTR at connect, SPF at MAIL FROM),
-in the pool, so that RCPT and end of message wait as little as possible.
+in the pool, so that RCPT and end of message wait as little as possible;
+a check whose first answer is already cached has nothing to wait for and
+runs where its result is wanted instead (the hand-off costs more than it).
+SPF and iprev results are kept while every answer they were computed from
+is still cached (``_Results``): the same question then asks nothing.
 
 One sender never harms another's mail (SPEC §1), so the pool is only a way
 to start early, never a queue anyone waits in:
