@@ -6,7 +6,7 @@ in the pool, so that RCPT and end of message wait as little as possible;
 a check whose first answer is already cached has nothing to wait for and
 runs where its result is wanted instead (the hand-off costs more than it).
 SPF and iprev results are kept while every answer they were computed from
-is still cached (``_Results``): the same question then asks nothing.
+is still cached: the same question then asks nothing.
 
 One sender never harms another's mail (SPEC §1), so the pool is only a way
 to start early, never a queue anyone waits in:
@@ -36,7 +36,6 @@ import logging
 import threading
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -47,7 +46,7 @@ from .dkimcheck import unverified
 from .iprev import check_iprev
 from .metrics import Metrics
 from .model import Aligned, Alignment, DkimResult, IPAddress, Iprev, IprevResult, SpfResult
-from .resolver import Budget, Resolver
+from .resolver import Budget, ExpiringLRU, Resolver
 from .spfcheck import envelope_address
 
 log = logging.getLogger(__name__)
@@ -211,43 +210,6 @@ class Session:
             check.cancel()
 
 
-class _Results(Generic[T]):
-    """Results of a check that depend only on its arguments and the DNS
-    answers it used, kept until the soonest of those answers expires
-    (``Budget.expires``): what the check would compute again from the
-    cache.  LRU, locked, at most ``size`` entries."""
-
-    def __init__(self, size: int, clock: Callable[[], float] = time.time):
-        self.size = size
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._data: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
-
-    def get(self, key: Hashable) -> T | None:
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            if entry[0] <= self.clock():
-                del self._data[key]
-                return None
-            self._data.move_to_end(key)
-            return entry[1]
-
-    def put(self, key: Hashable, value: T, expires: float) -> None:
-        if expires <= self.clock():
-            return
-        with self._lock:
-            self._data[key] = (expires, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
 class Engine:
     """The checks, with their pool.
 
@@ -267,8 +229,11 @@ class Engine:
         self._cfg = cfg
         self._resolver = resolver or self._new_resolver(cfg)
         self._helpers = isolation.Helpers() if isolate else None
-        self._spf_results: _Results[SpfResult] = _Results(limits.SPF_RESULTS)
-        self._iprev_results: _Results[IprevResult] = _Results(limits.IPREV_RESULTS)
+        # Results that depend only on their arguments and the DNS answers they
+        # used, kept until the soonest of those expires (Budget.expires): what
+        # the check would compute again from the cache.
+        self._spf_results: ExpiringLRU[SpfResult] = ExpiringLRU(limits.SPF_RESULTS)
+        self._iprev_results: ExpiringLRU[IprevResult] = ExpiringLRU(limits.IPREV_RESULTS)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dns")
         self.metrics.loaded(cfg)
         dkimcanon.install()
@@ -324,7 +289,7 @@ class Engine:
                 kept = self._iprev_results.get(key)
                 if kept is not None:
                     self.metrics.reused_ptr.inc()
-                    return kept
+                    return kept[1]
             result = check_iprev(self._resolver, addr, budget)
             if (result.result is not Iprev.TEMPERROR and budget.trace is None
                     and len(result.names) <= limits.IPREV_RESULT_NAMES):
@@ -343,7 +308,7 @@ class Engine:
                 kept = self._spf_results.get(key)
                 if kept is not None:
                     self.metrics.reused_spf.inc()
-                    return kept
+                    return kept[1]
             try:
                 result: SpfResult = self._check("spf", budget, (addr, mail_from, helo,
                                                                 void_limit))[0]  # type: ignore[assignment]

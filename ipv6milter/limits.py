@@ -162,7 +162,7 @@ DNS_CACHE_ENTRY_BYTES = 64 * 1024
 DNS_CACHE_ENTRIES = 20000
 
 # Results computed from cached answers, kept as long as the soonest answer they
-# used (engine._Results): a sender's mail from one address comes in runs, and
+# used (resolver.ExpiringLRU in the Engine): a sender's mail from one address comes in runs, and
 # its SPF and iprev results stay what they are while their answers do.  Each
 # entry is small and bounded: an SPF result's key is the client address, the
 # MAIL FROM and the HELO (each within the SMTP bounds above) and its detail

@@ -35,9 +35,9 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import dns.exception
 import dns.flags
@@ -101,6 +101,7 @@ def _to_text(rdata: Any) -> str:
 
 
 _GENERATIONS = itertools.count(1)
+V = TypeVar("V")
 
 
 class Resolver:
@@ -156,7 +157,7 @@ class Resolver:
             budget.used(None)  # a result despite it is not kept
             raise TempFail(f"DNS time budget for this stage spent before {name} {rdtype}")
         key = (_cache_name(name), rdtype)
-        cached = self._answers.get(key)
+        cached = self._answers.answer(key)
         if self._on_cache is not None:
             self._on_cache(cached is not None)
         if cached is not None:
@@ -185,7 +186,7 @@ class Resolver:
             budget.dns_bytes += _nxdomain_bytes(e)
             expiry = _nxdomain_expiry(e)
             budget.used(expiry)
-            self._answers.put(key, True, (), expiry)
+            self._answers.keep(key, True, (), expiry)
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
             budget.note(f"{name} {rdtype}: temporary failure ({type(e).__name__})")
@@ -226,7 +227,7 @@ class Resolver:
         # the SOA's negative TTL (RFC 2308).
         expiry = getattr(answer, "expiration", None)
         budget.used(expiry)
-        self._answers.put(key, False, items, expiry)
+        self._answers.keep(key, False, items, expiry)
         if over:
             return []
         return self._answered(name, rdtype, items, budget)
@@ -439,9 +440,76 @@ def _nxdomain_expiry(e: dns.resolver.NXDOMAIN) -> float | None:
     return time.time() + min(ttls) if ttls else None
 
 
-class _AnswerCache:
-    """(name, rdtype) -> (NXDOMAIN?, rdata) until its expiry; LRU, locked,
-    bounded in entries and in estimated bytes (``estimated_bytes``).
+class ExpiringLRU(Generic[V]):
+    """key -> value until its expiry (``clock()``'s time: ``time.time`` by
+    default, as dnspython's expiration times are); the least recently used
+    entry goes first past ``size`` entries (or past ``_over()``); locked.
+    Subclasses count what they keep through ``_added`` and ``_dropped``."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.time):
+        self.size = max(1, size)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._data: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: Hashable) -> tuple[float, V] | None:
+        """``(expiry, value)``, or None when absent or expired."""
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= self.clock():
+                del self._data[key]
+                self._dropped(entry[1])
+                return None
+            self._data.move_to_end(key)
+            return entry
+
+    def peek(self, key: Hashable) -> bool:
+        """Whether ``get`` would find it, without moving it in the LRU order."""
+        entry = self._data.get(key)  # one dict read: atomic, no lock needed
+        return entry is not None and entry[0] > self.clock()
+
+    def expiry(self, key: Hashable) -> float | None:
+        entry = self._data.get(key)
+        return entry[0] if entry is not None else None
+
+    def put(self, key: Hashable, value: V, expiry: float | None) -> None:
+        if expiry is None or expiry <= self.clock():
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._dropped(old[1])
+            self._data[key] = (expiry, value)
+            self._added(value)
+            while len(self._data) > self.size or self._over():
+                self._dropped(self._data.popitem(last=False)[1][1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _added(self, value: V) -> None:
+        pass
+
+    def _dropped(self, value: V) -> None:
+        pass
+
+    def _over(self) -> bool:
+        return False
+
+
+# An answer as the cache keeps it: NXDOMAIN?, the rdata, its estimated bytes.
+_Answer = tuple[bool, tuple[Any, ...], int]
+
+
+class _AnswerCache(ExpiringLRU[_Answer]):
+    """(name, rdtype) -> (NXDOMAIN?, rdata) until its expiry; bounded in
+    entries and in estimated bytes (``estimated_bytes``).
 
     In front of dnspython: a hit costs a dict lookup.  Only answers are kept
     (records, no data, NXDOMAIN), never a failure.  An answer estimated over
@@ -452,53 +520,33 @@ class _AnswerCache:
     def __init__(self, size: int, max_bytes: int = limits.DNS_CACHE_BYTES,
                  clock: Callable[[], float] = time.time,
                  entry_bytes: int = limits.DNS_CACHE_ENTRY_BYTES):
-        self.size = max(1, size)
+        super().__init__(size, clock)
         self.max_bytes = max_bytes
         self.entry_bytes = min(entry_bytes, max_bytes)
         self.bytes = 0  # the estimate of what is kept now
-        self.clock = clock  # dnspython's expiration times are time.time()'s
-        self._lock = threading.Lock()
-        self._data: OrderedDict[tuple[str, str], tuple[float, bool, tuple[Any, ...], int]] = (
-            OrderedDict())
 
-    def get(self, key: tuple[str, str]) -> tuple[bool, tuple[Any, ...], float] | None:
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            if entry[0] <= self.clock():
-                del self._data[key]
-                self.bytes -= entry[3]
-                return None
-            self._data.move_to_end(key)
-            return entry[1], entry[2], entry[0]
+    def answer(self, key: tuple[str, str]) -> tuple[bool, tuple[Any, ...], float] | None:
+        """``(nxdomain, items, expiry)``, or None when absent or expired."""
+        entry = self.get(key)
+        if entry is None:
+            return None
+        expiry, (nxdomain, items, _size) = entry
+        return nxdomain, items, expiry
 
-    def peek(self, key: tuple[str, str]) -> bool:
-        entry = self._data.get(key)  # one dict read: atomic, no lock needed
-        return entry is not None and entry[0] > self.clock()
-
-    def expiry(self, key: tuple[str, str]) -> float | None:
-        entry = self._data.get(key)
-        return entry[0] if entry is not None else None
-
-    def put(self, key: tuple[str, str], nxdomain: bool, items: tuple[Any, ...],
-            expiry: float | None) -> None:
-        if expiry is None or expiry <= self.clock():
-            return
+    def keep(self, key: tuple[str, str], nxdomain: bool, items: tuple[Any, ...],
+             expiry: float | None) -> None:
         size = estimated_bytes(key[0], items)
-        if size > self.entry_bytes:
-            return
-        with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self.bytes -= old[3]
-            self._data[key] = (expiry, nxdomain, items, size)
-            self.bytes += size
-            while len(self._data) > self.size or self.bytes > self.max_bytes:
-                self.bytes -= self._data.popitem(last=False)[1][3]
+        if size <= self.entry_bytes:
+            self.put(key, (nxdomain, items, size), expiry)
 
-    def __len__(self) -> int:
-        return len(self._data)
+    def _added(self, value: _Answer) -> None:
+        self.bytes += value[2]
+
+    def _dropped(self, value: _Answer) -> None:
+        self.bytes -= value[2]
+
+    def _over(self) -> bool:
+        return self.bytes > self.max_bytes
 
 
 def probe_nameservers(
