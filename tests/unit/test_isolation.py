@@ -512,7 +512,10 @@ def test_a_check_takes_a_helper_freed_within_spawn_after_instead_of_forking(
         second = threading.Thread(target=lambda: results.append(h.call(
             "spf", (ADDR, "a@example.com", "h"), zone(), Budget(5))[0].result))
         second.start()
-        time.sleep(0.1)  # the second check waits (it has not forked)
+        # The second check waits on the helpers' condition (CPython's
+        # Condition keeps its waiters in _waiters) instead of forking.
+        wait_until("the second check waiting for a helper",
+                   lambda: len(h._cond._waiters) == 1, 5)  # type: ignore[attr-defined]
         assert h._live == 1
         gate.set()
         first.join(10)
