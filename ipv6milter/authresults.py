@@ -95,7 +95,7 @@ def results_for(
 ) -> list[authres.core.BaseAuthenticationResult]:
     out: list[authres.core.BaseAuthenticationResult] = []
     if iprev is not None and addr is not None:
-        out.append(_iprev_result(iprev.result.value, str(addr), iprev.names[:5]))
+        out.append(_iprev_result(iprev.result.value, address_text(addr), iprev.names[:5]))
     if spf is not None:
         out.append(_spf_result(spf, _spf_comment(spf, alignment)))
     out.extend(_dkim_results(dkim, alignment))
