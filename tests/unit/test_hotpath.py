@@ -286,7 +286,7 @@ def test_ptr_asks_dnspythons_reverse_name(text: str):
     assert trace == [f"{rev} PTR: mail.example.com."] * 2
 
 
-# -- SPF results kept while their answers are (engine._Results) ----------------------------
+# -- SPF results kept while their answers are (resolver.ExpiringLRU in the Engine) ---------
 
 ADDR6 = "2001:db8::25"
 
